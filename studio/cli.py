@@ -1,0 +1,384 @@
+"""`studio`: the headless face of the same engine the browser uses.
+
+Exit codes: 0 success; 1 the operation ran and failed (a run failed or was aborted); 2 bad input.
+Errors are one line on stderr, starting with "error:".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from studio.config import ConfigError, RunConfig, merge_dicts
+
+
+class UsageError(Exception):
+    """Bad input from the user: exit 2."""
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def _one_line(problems: list[str]) -> str:
+    return "; ".join(problems)
+
+
+def _parse_set(pairs: list[str]) -> dict:
+    """`--set train.max_steps=10` -> {"train": {"max_steps": 10}}; values parsed as YAML scalars."""
+    out: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UsageError(f"--set takes KEY=VALUE (e.g. train.max_steps=10), got '{pair}'")
+        key, raw = pair.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_run_config(spec: str, overrides: list[str] | None = None) -> RunConfig:
+    """A config file path, or a preset name, with --set overrides merged on top."""
+    from studio.presets import load_preset
+
+    path = Path(spec)
+    config = RunConfig.load(path) if path.suffix in (".yaml", ".yml") or path.is_file() else load_preset(spec)
+    if overrides:
+        config = RunConfig.from_dict(merge_dicts(config.to_dict(), _parse_set(overrides)))
+    return config
+
+
+# -- train --------------------------------------------------------------------------------------
+def _bar(step: int, total: int, width: int = 30) -> str:
+    filled = int(width * step / total) if total else 0
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from studio.jobs import JobManager
+
+    config = load_run_config(args.config, args.set)
+    jobs = JobManager()
+    run = jobs.submit(config)
+    print(f"run {run.id}: {run.status.value}  (dir {run.run_dir})")
+    if args.detach:
+        return 0
+    return follow(jobs, run.id)
+
+
+def follow(jobs, run_id: str) -> int:
+    """Tail a run on the terminal until it ends; Ctrl-C aborts it (saving a checkpoint)."""
+    from studio.store import RunStatus
+
+    tty = sys.stdout.isatty()
+    last_event, last_step, aborting = 0, -1, False
+    try:
+        while True:
+            try:
+                jobs.reconcile()
+                run = jobs.store.get_run(run_id)
+                for ev in jobs.store.events(run_id, last_event):
+                    last_event = ev.id
+                    if tty:
+                        print("\r\033[K", end="")
+                    print(f"[{ev.level}] {ev.message}")
+                points = jobs.store.metrics(run_id, last_step)
+                losses = [m for m in points if m.loss is not None]
+                for m in points:
+                    last_step = max(last_step, m.step)
+                if losses or (tty and run.total_steps):
+                    loss = losses[-1].loss if losses else run.final_loss
+                    line = f"{_bar(run.step, run.total_steps)} step {run.step}/{run.total_steps}"
+                    if loss is not None:
+                        line += f"  loss {loss:.4f}"
+                    if losses and losses[-1].tokens_per_s:
+                        line += f"  {losses[-1].tokens_per_s:.0f} tok/s"
+                    print(("\r\033[K" + line) if tty else line, end="" if tty else "\n", flush=True)
+                if run.status.finished:
+                    break
+                time.sleep(0.5)
+            except KeyboardInterrupt:
+                if aborting:
+                    raise
+                aborting = True
+                print("\nAborting: the worker saves a checkpoint, then stops (Ctrl-C again to leave it running).")
+                jobs.abort(run_id)
+    except KeyboardInterrupt:
+        print(f"\nLeft run {run_id} to finish in the background.")
+        return 1
+    if tty:
+        print()
+    if run.status == RunStatus.COMPLETED:
+        loss = f", final loss {run.final_loss:.4f}" if run.final_loss is not None else ""
+        print(f"completed in {run.duration_s:.0f} s{loss}")
+        print(f"adapter: {run.adapter_dir}")
+        return 0
+    print(f"{run.status.value}: {run.error or ''}".rstrip(), file=sys.stderr)
+    return 1
+
+
+# -- runs ---------------------------------------------------------------------------------------
+def cmd_runs(args: argparse.Namespace) -> int:
+    from studio.jobs import JobManager
+    from studio.store import iso
+
+    jobs = JobManager()
+    runs = jobs.store.list_runs()
+    if args.json:
+        print(json.dumps([r.to_dict() for r in runs], indent=2, default=str))
+        return 0
+    if not runs:
+        print("No runs yet. Start one: studio train quick-demo")
+        return 0
+    print(f"{'id':44} {'status':11} {'step':>9} {'loss':>8} {'dataset':20} created")
+    for r in runs:
+        loss = f"{r.final_loss:.4f}" if r.final_loss is not None else "-"
+        print(
+            f"{r.id:44} {r.status.value:11} {f'{r.step}/{r.total_steps}':>9} {loss:>8} "
+            f"{r.datasets[:20]:20} {iso(r.created_at)}"
+        )
+    return 0
+
+
+def cmd_run_show(args: argparse.Namespace) -> int:
+    from studio.jobs import JobManager
+
+    jobs = JobManager()
+    run = jobs.store.get_run(args.run)
+    print(json.dumps(run.to_dict(), indent=2, default=str))
+    if args.log:
+        print(jobs.log_tail(run.id, args.log))
+    return 0
+
+
+def cmd_abort(args: argparse.Namespace) -> int:
+    from studio.jobs import JobManager
+
+    run = JobManager().abort(args.run)
+    print(f"run {run.id}: {run.status.value} (abort requested)")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from studio.jobs import JobManager
+
+    jobs = JobManager()
+    run = jobs.resume(args.run, args.checkpoint)
+    print(f"run {run.id}: {run.status.value}, from {run.resume_from or 'the start'}")
+    return 0 if args.detach else follow(jobs, run.id)
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from studio.jobs import JobManager
+
+    JobManager().delete(args.run)
+    print(f"deleted {args.run}")
+    return 0
+
+
+# -- datasets -----------------------------------------------------------------------------------
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from studio.data import DatasetRegistry
+
+    registry = DatasetRegistry()
+    if args.action == "list":
+        entries = registry.list()
+        if args.json:
+            print(json.dumps([e.to_dict() for e in entries], indent=2))
+            return 0
+        print(f"{'name':24} {'format':9} {'rows':>6}  source")
+        for e in entries:
+            print(f"{e.name:24} {e.format:9} {e.rows:>6}  {'(bundled) ' if e.bundled else ''}{e.source}")
+        return 0
+    if args.action == "show":
+        entry = registry.get(args.name)
+        print(json.dumps(entry.to_dict(), indent=2))
+        return 0
+    if args.action == "add":
+        cmap = json.loads(args.columns) if args.columns else None
+        entry, report, clean = registry.add(
+            args.name,
+            Path(args.path),
+            fmt=args.format,
+            column_map=cmap,
+            description=args.description or "",
+            skip_invalid=args.skip_invalid,
+        )
+        print(f"registered '{entry.name}': {entry.rows} rows, format {entry.format}")
+        for issue in report.warnings[:20]:
+            print(f"  warning row {issue.row}: {issue.reason}")
+        print(f"  cleaning: {clean}")
+        return 0
+    if args.action == "remove":
+        registry.remove(args.name)
+        print(f"removed '{args.name}'")
+        return 0
+    if args.action == "import":
+        from studio.data import import_dataset_info
+
+        report = import_dataset_info(registry, Path(args.path))
+        for name in report.registered:
+            print(f"registered {name}")
+        for name, reason in report.skipped:
+            print(f"skipped {name}: {reason}")
+        return 0 if report.registered or not report.skipped else 1
+    raise UsageError(f"unknown datasets action {args.action}")
+
+
+# -- export -------------------------------------------------------------------------------------
+def cmd_export(args: argparse.Namespace) -> int:
+    from studio.export import export_adapter, find_adapter, merge_adapter, zip_folder
+
+    if not args.merge and not args.adapter:
+        raise UsageError("say what to export: --merge OUT_DIR (merged model) or --adapter OUT_DIR")
+    adapter = find_adapter(args.run)
+    if args.merge:
+        result = merge_adapter(adapter, Path(args.merge), dtype=args.dtype, overwrite=args.overwrite)
+    else:
+        result = export_adapter(adapter, Path(args.adapter), overwrite=args.overwrite)
+    print(result.describe())
+    if args.zip:
+        print(f"zip: {zip_folder(result.out_dir, result.out_dir.with_suffix('.zip'))}")
+    return 0
+
+
+# -- misc ---------------------------------------------------------------------------------------
+def cmd_presets(args: argparse.Namespace) -> int:
+    from studio.presets import list_presets
+
+    for p in list_presets():
+        print(f"{p.name:22} {p.description}")
+    return 0
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    from studio.config import LoraSpec
+    from studio.models import inspect_model
+
+    lora = LoraSpec(r=args.r, target_modules=args.targets)
+    info = inspect_model(args.source, lora)
+    count = info.pop("lora_parameters")
+    print(json.dumps(info, indent=2))
+    print(f"LoRA r={args.r} on {args.targets}: {count.describe()}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from studio.ui.app import launch
+
+    return launch(host=args.host, port=args.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="studio", description="LoRA Studio: fine-tune language models with LoRA/QLoRA.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="open the studio in the browser")
+    s.add_argument("--host", default=os.environ.get("STUDIO_HOST", "127.0.0.1"))
+    s.add_argument("--port", type=int, default=int(os.environ.get("STUDIO_PORT", "7860")))
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("train", help="train headless from a config file or preset")
+    s.add_argument("config", help="a run config YAML, or a preset name (quick-demo)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.max_steps=10")
+    s.add_argument("--detach", action="store_true", help="queue it and return at once")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("runs", help="list runs")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_runs)
+
+    s = sub.add_parser("run", help="show one run")
+    s.add_argument("run")
+    s.add_argument("--log", type=int, default=0, metavar="N", help="also print the last N log lines")
+    s.set_defaults(func=cmd_run_show)
+
+    s = sub.add_parser("abort", help="abort a queued or running run (it saves a checkpoint)")
+    s.add_argument("run")
+    s.set_defaults(func=cmd_abort)
+
+    s = sub.add_parser("resume", help="resume an interrupted, aborted or failed run from its checkpoint")
+    s.add_argument("run")
+    s.add_argument("--checkpoint", help="a checkpoint name, e.g. checkpoint-20 (default: the newest complete)")
+    s.add_argument("--detach", action="store_true")
+    s.set_defaults(func=cmd_resume)
+
+    s = sub.add_parser("delete", help="delete a finished run and its files")
+    s.add_argument("run")
+    s.set_defaults(func=cmd_delete)
+
+    s = sub.add_parser("datasets", help="list, add, show, remove or import datasets")
+    dsub = s.add_subparsers(dest="action", required=True)
+    d = dsub.add_parser("list")
+    d.add_argument("--json", action="store_true")
+    d = dsub.add_parser("show")
+    d.add_argument("name")
+    d = dsub.add_parser("add")
+    d.add_argument("path")
+    d.add_argument("--name", required=True)
+    d.add_argument(
+        "--format",
+        choices=["alpaca", "sharegpt", "openai", "text"],
+        default=None,
+        help="default: detected from the columns",
+    )
+    d.add_argument("--columns", help='column map as JSON, e.g. {"instruction": "question", "output": "answer"}')
+    d.add_argument("--description")
+    d.add_argument("--skip-invalid", action="store_true", help="drop bad rows (reported) instead of refusing")
+    d = dsub.add_parser("remove")
+    d.add_argument("name")
+    d = dsub.add_parser("import", help="import a LLaMA-Factory data folder's dataset_info.json")
+    d.add_argument("path")
+    s.set_defaults(func=cmd_datasets)
+
+    s = sub.add_parser("export", help="merge a run's adapter into its base, or copy the adapter")
+    s.add_argument("run", help="a run id or an adapter folder")
+    s.add_argument("--merge", metavar="OUT_DIR")
+    s.add_argument("--adapter", metavar="OUT_DIR")
+    s.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    s.add_argument("--zip", action="store_true", help="also write OUT_DIR.zip")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("presets", help="list presets")
+    s.set_defaults(func=cmd_presets)
+
+    s = sub.add_parser("model", help="inspect a model: linear layers and LoRA parameter count (no weights loaded)")
+    s.add_argument("source", nargs="?", default="bundled")
+    s.add_argument("--r", type=int, default=16)
+    s.add_argument("--targets", default="all-linear")
+    s.set_defaults(func=cmd_model)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    args = build_parser().parse_args(argv)
+    from studio.data import DataError
+    from studio.export import ExportError
+    from studio.jobs import JobError
+    from studio.models import ModelError
+    from studio.store import IllegalTransition, RunNotFound
+
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        return _fail(_one_line(err.problems))
+    except (UsageError, DataError, ModelError, RunNotFound) as err:
+        return _fail(str(err).strip("'\""))
+    except (JobError, ExportError, IllegalTransition) as err:
+        return _fail(str(err), 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

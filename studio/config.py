@@ -1,0 +1,345 @@
+"""Typed run configuration: one dataclass per concern, YAML round-trip, every problem reported at once.
+
+`RunConfig.validate()` returns a list of problems (empty when the config is good); the UI shows them as
+one message and the CLI as one exit. Help texts carry practitioners' defaults (see FIELD-NOTES.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+COMPUTE_TYPES = ("fp32", "fp16", "bf16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+BIAS_MODES = ("none", "lora_only", "all")
+LORA_INITS = ("default", "gaussian", "pissa")
+QUANT_MODES = ("none", "8bit", "4bit")
+QUANT_TYPES = ("nf4", "fp4")
+TARGET_GROUPS = ("all-linear", "attention", "q,v")
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+# Names as transformers' TrainingArguments(optim=...) spells them.
+OPTIMIZERS = (
+    "adamw_torch",
+    "adamw_8bit",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+    "adafactor",
+    "sgd",
+)
+BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; `problems` lists every reason."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("Invalid run config:\n- " + "\n- ".join(self.problems))
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class ModelSpec:
+    source: str = field(
+        default="bundled",
+        metadata=_help("'bundled' (SmolLM2-135M-Instruct, works offline), a local model folder, or a hub id."),
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata=_help("Run Python code shipped with the model. Only for models whose code you trust."),
+    )
+
+    def validate(self) -> list[str]:
+        return [] if self.source.strip() else ["model.source is empty: use 'bundled', a folder or a hub id."]
+
+
+@dataclass
+class LoraSpec:
+    r: int = field(default=16, metadata=_help("Rank. 8 for style, 16-32 for domain Q&A, 64-128 for reasoning."))
+    alpha: float = field(default=32, metadata=_help("Scale alpha; update is (alpha/r)*B*A. 2*r is the usual choice."))
+    dropout: float = field(default=0.05, metadata=_help("Dropout on the LoRA path: 0.05-0.1, more for small data."))
+    target_modules: str | list[str] = field(
+        default="all-linear",
+        metadata=_help("'all-linear' (recommended), 'attention', 'q,v', or a list of layer names."),
+    )
+    bias: str = field(default="none", metadata=_help("Train biases: 'none' (usual), 'lora_only' or 'all'."))
+    use_rslora: bool = field(default=False, metadata=_help("rsLoRA: scale by alpha/sqrt(r); stable at high rank."))
+    use_dora: bool = field(default=False, metadata=_help("DoRA: learn magnitude and direction separately."))
+    init: str = field(
+        default="default",
+        metadata=_help("'default' (B=0, training starts at the base), 'gaussian', or 'pissa' (from W's SVD)."),
+    )
+    loraplus_lr_ratio: float | None = field(
+        default=None, metadata=_help("LoRA+: B learns this many times faster than A (e.g. 16). Empty = off.")
+    )
+
+    def validate(self) -> list[str]:
+        p: list[str] = []
+        if not _is_int(self.r) or self.r < 1:
+            p.append(f"lora.r must be a whole number of at least 1 (got {self.r!r}); try 8, 16 or 32.")
+        elif self.r > 1024:
+            p.append(f"lora.r={self.r} is far above useful ranks (8-256).")
+        if not _is_number(self.alpha) or self.alpha <= 0:
+            p.append(f"lora.alpha must be a positive number (got {self.alpha!r}); 2*r is usual.")
+        if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
+            p.append(f"lora.dropout must be in [0, 1) (got {self.dropout!r}); 0.05-0.1 is typical.")
+        if isinstance(self.target_modules, str):
+            if not self.target_modules.strip():
+                p.append("lora.target_modules is empty: use 'all-linear' or name layers like q_proj,v_proj.")
+        elif not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            p.append("lora.target_modules must list layer names (e.g. [q_proj, v_proj]) or be 'all-linear'.")
+        if self.bias not in BIAS_MODES:
+            p.append(f"lora.bias must be one of {', '.join(BIAS_MODES)} (got {self.bias!r}).")
+        if self.init not in LORA_INITS:
+            p.append(f"lora.init must be one of {', '.join(LORA_INITS)} (got {self.init!r}).")
+        if self.loraplus_lr_ratio is not None and (
+            not _is_number(self.loraplus_lr_ratio) or self.loraplus_lr_ratio < 1
+        ):
+            p.append(f"lora.loraplus_lr_ratio must be empty or at least 1 (got {self.loraplus_lr_ratio!r}).")
+        return p
+
+    def target_list(self) -> list[str]:
+        if isinstance(self.target_modules, list):
+            return list(self.target_modules)
+        return [t.strip() for t in self.target_modules.split(",") if t.strip()]
+
+
+@dataclass
+class QuantSpec:
+    mode: str = field(default="none", metadata=_help("'none', '8bit' or '4bit' (QLoRA) for the frozen base."))
+    quant_type: str = field(default="nf4", metadata=_help("4-bit data type: 'nf4' (QLoRA's choice) or 'fp4'."))
+    double_quant: bool = field(default=True, metadata=_help("Quantize the scales too: ~0.37 bit/param saved."))
+    compute_dtype: str = field(default="bf16", metadata=_help("Dtype the 4-bit weights are unpacked to per matmul."))
+
+    def validate(self) -> list[str]:
+        p: list[str] = []
+        if self.mode not in QUANT_MODES:
+            p.append(f"quant.mode must be one of {', '.join(QUANT_MODES)} (got {self.mode!r}).")
+        if self.quant_type not in QUANT_TYPES:
+            p.append(f"quant.quant_type must be 'nf4' or 'fp4' (got {self.quant_type!r}).")
+        if self.compute_dtype not in COMPUTE_TYPES:
+            p.append(f"quant.compute_dtype must be one of {', '.join(COMPUTE_TYPES)} (got {self.compute_dtype!r}).")
+        return p
+
+
+@dataclass
+class DataSpec:
+    datasets: list[str] = field(default_factory=list, metadata=_help("Registered dataset names, mixed in order."))
+    cutoff_len: int = field(default=512, metadata=_help("Max tokens per sample; longer ones are cut. 512-2048."))
+    max_samples: int | None = field(default=None, metadata=_help("Use at most this many rows per dataset."))
+    val_size: float = field(default=0.0, metadata=_help("Share held out for eval loss, e.g. 0.1. 0 = none."))
+    packing: bool = field(default=False, metadata=_help("Pack several samples per sequence: less padding."))
+    train_on_prompt: bool = field(default=False, metadata=_help("Also learn the prompts (usually off)."))
+
+    def validate(self) -> list[str]:
+        p: list[str] = []
+        if not self.datasets:
+            p.append("data.datasets is empty: pick at least one registered dataset.")
+        if not _is_int(self.cutoff_len) or self.cutoff_len < 8:
+            p.append(f"data.cutoff_len must be a whole number of at least 8 (got {self.cutoff_len!r}).")
+        if self.max_samples is not None and (not _is_int(self.max_samples) or self.max_samples < 1):
+            p.append(f"data.max_samples must be empty or at least 1 (got {self.max_samples!r}).")
+        if not _is_number(self.val_size) or not 0 <= self.val_size < 1:
+            p.append(f"data.val_size must be in [0, 1) (got {self.val_size!r}); 0.1 is typical.")
+        return p
+
+
+@dataclass
+class TrainSpec:
+    epochs: float = field(default=3.0, metadata=_help("Passes over the data (ignored when max_steps > 0)."))
+    max_steps: int = field(default=0, metadata=_help("Stop after this many optimizer steps; 0 = use epochs."))
+    learning_rate: float = field(default=2e-4, metadata=_help("LoRA 1e-4 to 5e-4 (2e-4 a good start); QLoRA lower."))
+    lr_scheduler: str = field(default="cosine", metadata=_help("Learning-rate schedule; cosine with warmup is usual."))
+    warmup_ratio: float = field(default=0.03, metadata=_help("Share of steps spent warming up the lr (a few %)."))
+    batch_size: int = field(default=4, metadata=_help("Samples per device per step."))
+    grad_accum: int = field(default=4, metadata=_help("Steps accumulated per update: effective batch = batch x accum."))
+    max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping, 0.3-1.0. 0 = off."))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
+    optimizer: str = field(default="adamw_torch", metadata=_help("adamw_torch; 8-bit and paged AdamW save memory."))
+    gradient_checkpointing: bool = field(
+        default=False, metadata=_help("Recompute activations: less memory, ~30% slower.")
+    )
+    seed: int = field(default=42, metadata=_help("Seed for data order and LoRA init."))
+    logging_steps: int = field(default=5, metadata=_help("Log loss, lr and speed every N steps."))
+    eval_steps: int = field(default=50, metadata=_help("Evaluate on the validation split every N steps."))
+    save_steps: int = field(default=100, metadata=_help("Save a resumable checkpoint every N steps."))
+    save_total_limit: int = field(default=3, metadata=_help("Keep at most this many checkpoints."))
+    compute_type: str = field(default="fp32", metadata=_help("bf16 on modern GPUs, fp16 on older ones, fp32 on CPU."))
+    device: str = field(default="auto", metadata=_help("'auto' (CUDA, MPS, else CPU) or a fixed device."))
+    num_threads: int | None = field(default=None, metadata=_help("CPU threads for training; empty = all cores."))
+
+    def validate(self) -> list[str]:
+        p: list[str] = []
+        if not _is_int(self.max_steps) or self.max_steps < 0:
+            p.append(f"train.max_steps must be 0 (use epochs) or a positive whole number (got {self.max_steps!r}).")
+        uses_epochs = not (_is_int(self.max_steps) and self.max_steps > 0)
+        if uses_epochs and (not _is_number(self.epochs) or self.epochs <= 0):
+            p.append(f"train.epochs must be positive (got {self.epochs!r}), or set train.max_steps.")
+        if not _is_number(self.learning_rate) or not 0 < self.learning_rate < 1:
+            p.append(f"train.learning_rate must be in (0, 1) (got {self.learning_rate!r}); 2e-4 is a good start.")
+        if self.lr_scheduler not in SCHEDULERS:
+            p.append(f"train.lr_scheduler must be one of {', '.join(SCHEDULERS)} (got {self.lr_scheduler!r}).")
+        if not _is_number(self.warmup_ratio) or not 0 <= self.warmup_ratio < 1:
+            p.append(f"train.warmup_ratio must be in [0, 1) (got {self.warmup_ratio!r}).")
+        for name in ("batch_size", "grad_accum", "logging_steps", "eval_steps", "save_steps", "save_total_limit"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                p.append(f"train.{name} must be a whole number of at least 1 (got {value!r}).")
+        if not _is_number(self.max_grad_norm) or self.max_grad_norm < 0:
+            p.append(f"train.max_grad_norm must be 0 (off) or positive (got {self.max_grad_norm!r}).")
+        if not _is_number(self.weight_decay) or self.weight_decay < 0:
+            p.append(f"train.weight_decay must be 0 or positive (got {self.weight_decay!r}).")
+        if self.optimizer not in OPTIMIZERS:
+            p.append(f"train.optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r}).")
+        if self.compute_type not in COMPUTE_TYPES:
+            p.append(f"train.compute_type must be one of {', '.join(COMPUTE_TYPES)} (got {self.compute_type!r}).")
+        if self.device not in DEVICES:
+            p.append(f"train.device must be one of {', '.join(DEVICES)} (got {self.device!r}).")
+        if self.num_threads is not None and (not _is_int(self.num_threads) or self.num_threads < 1):
+            p.append(f"train.num_threads must be empty or at least 1 (got {self.num_threads!r}).")
+        if not _is_int(self.seed):
+            p.append(f"train.seed must be a whole number (got {self.seed!r}).")
+        return p
+
+
+@dataclass
+class RunConfig:
+    name: str = field(default="", metadata=_help("A short name for the run; the run id adds a timestamp."))
+    model: ModelSpec = field(default_factory=ModelSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    quant: QuantSpec = field(default_factory=QuantSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+
+    def validate(self) -> list[str]:
+        problems = [
+            *self.model.validate(),
+            *self.lora.validate(),
+            *self.quant.validate(),
+            *self.data.validate(),
+            *self.train.validate(),
+        ]
+        problems += _cross_checks(self)
+        return problems
+
+    def check(self) -> RunConfig:
+        problems = self.validate()
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def save(self, path: Path) -> None:
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(self.to_yaml())
+        tmp.replace(path)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> RunConfig:
+        """Build from a (possibly partial) dict; unknown keys are an error, never silently ignored."""
+        return _from_dict(cls, data or {}, "")
+
+    @classmethod
+    def from_yaml(cls, text: str) -> RunConfig:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError([f"The YAML cannot be parsed: {err}"]) from err
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(["The YAML must be a mapping of sections (model, lora, quant, data, train)."])
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, path: Path) -> RunConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([f"Config file '{path}' does not exist."])
+        return cls.from_yaml(path.read_text())
+
+
+def _cross_checks(cfg: RunConfig) -> list[str]:
+    """Combinations that are each valid alone but cannot work together."""
+    p: list[str] = []
+    if cfg.quant.mode != "none" and cfg.lora.init == "pissa":
+        p.append("PiSSA init needs full-precision base weights: set lora.init to 'default' or turn quantization off.")
+    if cfg.quant.mode != "none" and cfg.lora.bias != "none":
+        p.append("Bias training is not supported on a quantized base: set lora.bias to 'none'.")
+    if cfg.train.device == "cpu" and cfg.train.compute_type == "fp16":
+        p.append("fp16 training needs a GPU (no fp16 loss scaling on CPU): use fp32 or bf16 on CPU.")
+    return p
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _coerce(value: Any, annotation: str) -> Any:
+    """YAML and form widgets give '2e-4' or 16.0; turn them into the declared type where that is lossless."""
+    if value is None or isinstance(value, bool):
+        return value
+    if "float" in annotation and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if "float" in annotation and isinstance(value, int):
+        return float(value)
+    if annotation.startswith("int") and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if annotation.startswith("int") and isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return value
+
+
+def _from_dict(cls, data: dict[str, Any], prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError([f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {type(data).__name__}."])
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    known = ", ".join(fields)
+    problems = [f"Unknown key '{prefix}{k}' (known keys here: {known})." for k in unknown]
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in fields:
+            continue
+        f = fields[name]
+        sub = f.default_factory if dataclasses.is_dataclass(f.default_factory) else None  # type: ignore[arg-type]
+        if sub is not None:
+            try:
+                kwargs[name] = _from_dict(sub, value or {}, f"{prefix}{name}.")
+            except ConfigError as err:
+                problems += err.problems
+        else:
+            kwargs[name] = _coerce(value, str(f.type))
+    if problems:
+        raise ConfigError(problems)
+    return cls(**kwargs)
+
+
+def merge_dicts(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge: nested sections are merged key by key, other values replaced."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_dicts(out[key], value)
+        else:
+            out[key] = value
+    return out

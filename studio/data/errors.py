@@ -1,0 +1,41 @@
+"""Errors of the data layer. Every message says what is wrong and how to fix it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+class DataError(Exception):
+    """A problem with a dataset that the user can fix; the message is shown to them as is.
+
+    `report` carries the ValidationReport when validation was the cause, so a UI can list every row.
+    """
+
+    def __init__(self, message: str, report: Any = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class RowError(DataError):
+    """One row cannot be turned into an example. The reason does not name the row: the caller knows it."""
+
+
+SEVERITIES = ("error", "warning")
+
+
+@dataclass(frozen=True)
+class RowIssue:
+    """A problem found in one row. `row` is 1-based as a user counts records in the file; 0 = whole file."""
+
+    row: int
+    reason: str
+    severity: str = "error"
+
+    def __post_init__(self) -> None:
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"RowIssue severity must be one of {SEVERITIES}, got {self.severity!r}")
+
+    def describe(self) -> str:
+        where = "file" if self.row == 0 else f"row {self.row}"
+        return f"{where}: {self.reason}"

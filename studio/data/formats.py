@@ -1,0 +1,369 @@
+"""Dataset formats: a row of a file -> an Example (a list of messages, or a plain text).
+
+Pure functions over one row, so each format rule is testable on a single dict. The formats:
+- alpaca:   {"instruction", "input" (optional), "output", "system" (optional), "history" (optional)}
+- sharegpt: {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}], "system" (optional)}
+- openai:   {"messages": [{"role": "system"|"user"|"assistant", "content": ...}]}
+- text:     {"text": ...}
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from studio.data.errors import DataError, RowError
+
+FORMATS = ("alpaca", "sharegpt", "openai", "text")
+ROLES = ("system", "user", "assistant")
+
+# The column names each format uses unless a ColumnMap says otherwise.
+_DEFAULTS: dict[str, dict[str, str]] = {
+    "alpaca": {
+        "instruction": "instruction",
+        "input": "input",
+        "output": "output",
+        "system": "system",
+        "history": "history",
+    },
+    "sharegpt": {
+        "messages": "conversations",
+        "system": "system",
+        "role_tag": "from",
+        "content_tag": "value",
+        "user_tag": "human",
+        "assistant_tag": "gpt",
+        "system_tag": "system",
+    },
+    "openai": {
+        "messages": "messages",
+        "system": "system",
+        "role_tag": "role",
+        "content_tag": "content",
+        "user_tag": "user",
+        "assistant_tag": "assistant",
+        "system_tag": "system",
+    },
+    "text": {"text": "text"},
+}
+
+# Columns a file must have for each format (canonical field names).
+REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
+    "alpaca": ("instruction", "output"),
+    "sharegpt": ("messages",),
+    "openai": ("messages",),
+    "text": ("text",),
+}
+
+
+def check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise DataError(f"Unknown dataset format {fmt!r}. Choose one of: {', '.join(FORMATS)}.")
+    return fmt
+
+
+@dataclass(frozen=True)
+class ColumnMap:
+    """Canonical field -> the name used in the file. None means "the format's usual name".
+
+    Tags name the keys and role values inside a message list (sharegpt/openai). `system` is a
+    column holding a system prompt (alpaca, and optionally sharegpt/openai).
+    """
+
+    instruction: str | None = None
+    input: str | None = None
+    output: str | None = None
+    system: str | None = None
+    history: str | None = None
+    messages: str | None = None
+    role_tag: str | None = None
+    content_tag: str | None = None
+    user_tag: str | None = None
+    assistant_tag: str | None = None
+    system_tag: str | None = None
+    text: str | None = None
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise DataError(
+                    f"Column map entry {f.name!r} must be a non-empty column name, got {value!r}. "
+                    "Give the name of the column in your file, or leave it out to use the usual name."
+                )
+
+    def name(self, field: str, fmt: str) -> str:
+        """The file's name for `field` under format `fmt`."""
+        value = getattr(self, field)
+        return value if value is not None else _DEFAULTS[fmt].get(field, field)
+
+    def resolve(self, fmt: str) -> ColumnMap:
+        """A copy with the format's usual names filled in for every field the format uses."""
+        check_format(fmt)
+        return replace(self, **{k: self.name(k, fmt) for k in _DEFAULTS[fmt]})
+
+    def to_dict(self) -> dict[str, str]:
+        """Only the fields set explicitly: a stored map stays readable and format-neutral."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> ColumnMap:
+        data = dict(data or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise DataError(f"Unknown column map keys: {', '.join(unknown)}. Allowed keys: {', '.join(sorted(known))}.")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # one of ROLES
+    content: str
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example: a conversation, or (plain-text format only) a text."""
+
+    messages: tuple[Message, ...] = ()
+    text: str | None = None
+
+
+# ---------------------------------------------------------------- detection
+
+
+def detect_format(rows: list[dict]) -> str:
+    """Guess the format from the column names (and, for message lists, the keys of the first message)."""
+    columns = _columns(rows)
+    for col in ("conversations", "messages"):
+        if col in columns:
+            keys = _first_message_keys(rows, col)
+            if {"from", "value"} <= keys:
+                return "sharegpt"
+            if {"role", "content"} <= keys:
+                return "openai"
+            return "sharegpt" if col == "conversations" else "openai"
+    if "instruction" in columns and "output" in columns:
+        return "alpaca"
+    if "text" in columns:
+        return "text"
+    seen = ", ".join(columns) or "none"
+    raise DataError(
+        f"Could not tell the dataset format. Columns seen: {seen}. Expected: alpaca needs 'instruction' "
+        "and 'output' (optional 'input', 'system', 'history'); sharegpt needs 'conversations' "
+        "([{from, value}]); openai needs 'messages' ([{role, content}]); text needs 'text'. Rename the "
+        'columns, or choose the format and give a column map (e.g. {"output": "answer"}).'
+    )
+
+
+def guess_column_map(rows: list[dict], fmt: str) -> ColumnMap:
+    """The column map for the usual variants: a message list under either name, with either tag set."""
+    check_format(fmt)
+    if fmt not in ("sharegpt", "openai"):
+        return ColumnMap()
+    columns = _columns(rows)
+    default_col = _DEFAULTS[fmt]["messages"]
+    other_col = "messages" if default_col == "conversations" else "conversations"
+    col = other_col if default_col not in columns and other_col in columns else default_col
+    keys = _first_message_keys(rows, col)
+    overrides: dict[str, str] = {}
+    if col != default_col:
+        overrides["messages"] = col
+    if fmt == "sharegpt" and {"role", "content"} <= keys:
+        overrides.update(role_tag="role", content_tag="content")
+    if fmt == "openai" and {"from", "value"} <= keys:
+        overrides.update(role_tag="from", content_tag="value")
+    return ColumnMap(**overrides)
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    seen: dict[str, None] = {}
+    for row in rows:
+        seen.update(dict.fromkeys(row))
+    return list(seen)
+
+
+def _first_message_keys(rows: list[dict], col: str) -> set[str]:
+    for row in rows[:50]:
+        value = row.get(col)
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            return {k for k, v in value[0].items() if v is not None}
+    return set()
+
+
+# ---------------------------------------------------------------- row -> example
+
+
+def row_to_example(row: dict, fmt: str, cmap: ColumnMap) -> Example:
+    """Turn one row into an Example, or raise RowError saying what is wrong with it."""
+    check_format(fmt)
+    if fmt == "alpaca":
+        return _alpaca(row, cmap)
+    if fmt == "text":
+        return Example(text=_text_field(row, cmap.name("text", fmt), required=True))
+    return _chat(row, fmt, cmap)
+
+
+def _alpaca(row: dict, cmap: ColumnMap) -> Example:
+    instruction = _text_field(row, cmap.name("instruction", "alpaca"), required=False)
+    query = _text_field(row, cmap.name("input", "alpaca"), required=False)
+    output_col = cmap.name("output", "alpaca")
+    output = _text_field(row, output_col, required=True)
+    if not instruction.strip() and not query.strip():
+        raise RowError(
+            f"'{cmap.name('instruction', 'alpaca')}' is empty or missing: the row has an answer but no "
+            "question. Write the instruction, or delete the row."
+        )
+    system = _text_field(row, cmap.name("system", "alpaca"), required=False)
+    history = _history(row.get(cmap.name("history", "alpaca")), cmap.name("history", "alpaca"))
+
+    if instruction.strip() and query.strip():
+        user = instruction + "\n\n" + query
+    else:
+        user = instruction if instruction.strip() else query
+    messages: list[Message] = [Message("system", system)] if system.strip() else []
+    for question, answer in history:
+        messages += [Message("user", question), Message("assistant", answer)]
+    messages += [Message("user", user), Message("assistant", output)]
+    return Example(messages=tuple(messages))
+
+
+def _history(value: Any, col: str) -> list[tuple[str, str]]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise RowError(
+            f"'{col}' must be a list of [question, answer] pairs, got {_kind(value)}. Write it like "
+            '[["Hi", "Hello!"]], or leave it empty.'
+        )
+    pairs = []
+    for i, pair in enumerate(value, start=1):
+        ok = isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(p, str) for p in pair)
+        if not ok:
+            raise RowError(
+                f"'{col}' entry {i} must be a [question, answer] pair of two texts, got {_short(pair)}. "
+                'Write it like ["Hi", "Hello!"].'
+            )
+        if not pair[0].strip() or not pair[1].strip():
+            raise RowError(f"'{col}' entry {i} has an empty question or answer. Fill it in or remove the pair.")
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
+def _chat(row: dict, fmt: str, cmap: ColumnMap) -> Example:
+    col = cmap.name("messages", fmt)
+    value = row.get(col)
+    if value is None:
+        raise RowError(f"'{col}' is missing. Every {fmt} row needs a list of messages in '{col}'.")
+    if not isinstance(value, list):
+        hint = " (CSV cannot hold lists: use JSON Lines)" if isinstance(value, str) else ""
+        raise RowError(f"'{col}' must be a list of messages, got {_kind(value)}{hint}.")
+    if not value:
+        raise RowError(f"'{col}' is an empty conversation. Add at least a user and an assistant message.")
+
+    role_tag, content_tag = cmap.name("role_tag", fmt), cmap.name("content_tag", fmt)
+    role_names = {
+        cmap.name("user_tag", fmt): "user",
+        cmap.name("assistant_tag", fmt): "assistant",
+        cmap.name("system_tag", fmt): "system",
+    }
+    if fmt == "sharegpt":  # sharegpt files in the wild often use the openai role names
+        for role in ROLES:
+            role_names.setdefault(role, role)
+
+    messages: list[Message] = []
+    system = _text_field(row, cmap.name("system", fmt), required=False)
+    if system.strip():
+        messages.append(Message("system", system))
+    for i, item in enumerate(value, start=1):
+        if not isinstance(item, dict):
+            raise RowError(
+                f"message {i} must be an object like {{{role_tag!r}: ..., {content_tag!r}: ...}}, got {_kind(item)}."
+            )
+        role_value = item.get(role_tag)
+        if role_value is None:
+            raise RowError(f"message {i} has no '{role_tag}'. Say who speaks: {_role_list(role_names)}.")
+        role = role_names.get(role_value) if isinstance(role_value, str) else None
+        if role is None:
+            raise RowError(
+                f"message {i} has unknown role {_short(role_value)}. Expected one of: "
+                f"{_role_list(role_names)} (tool and function messages are not supported; remove them)."
+            )
+        content = item.get(content_tag)
+        where = f"message {i} ({role})"
+        if content is None:
+            raise RowError(f"{where} has no '{content_tag}'. Add the text, or remove the message.")
+        if not isinstance(content, str):
+            raise RowError(f"{where}: '{content_tag}' must be text, got {_kind(content)}{_quote_hint(content)}.")
+        if not content.strip():
+            raise RowError(f"{where} is empty. Write the text, or remove the message.")
+        if role == "system" and messages:
+            raise RowError(f"{where}: a system message may only come first. Move it to the start, or remove it.")
+        messages.append(Message(role, content))
+    _check_turns(messages)
+    return Example(messages=tuple(messages))
+
+
+def _check_turns(messages: list[Message]) -> None:
+    """user/assistant alternate after an optional leading system message, ending with the assistant."""
+    turns = messages[1:] if messages and messages[0].role == "system" else messages
+    if not turns:
+        raise RowError("the conversation has only a system message. Add a user and an assistant message.")
+    offset = len(messages) - len(turns)
+    for i, msg in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if msg.role != expected:
+            raise RowError(
+                f"message {i + 1 + offset} is from {msg.role} but {expected} was expected: user and "
+                "assistant turns must alternate, starting with user. Merge or remove the extra message."
+            )
+    if turns[-1].role != "assistant":
+        raise RowError(
+            "the conversation ends with a user message. The last message must be the assistant's answer: "
+            "add it, or remove the final user message."
+        )
+
+
+def _text_field(row: dict, col: str, required: bool) -> str:
+    value = row.get(col)
+    if value is None:
+        if required:
+            raise RowError(f"'{col}' is missing (no value). Fill it in, or delete the row.")
+        return ""
+    if not isinstance(value, str):
+        raise RowError(f"'{col}' must be text, got {_kind(value)}{_quote_hint(value)}.")
+    if required and not value.strip():
+        raise RowError(f"'{col}' is empty. Write the text, or delete the row.")
+    return value
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"a boolean ({value})"
+    if isinstance(value, int | float):
+        return f"a number ({value})"
+    if isinstance(value, dict):
+        return "an object ({...})"
+    if isinstance(value, list):
+        return "a list ([...])"
+    if isinstance(value, str):
+        return "text"
+    return type(value).__name__
+
+
+def _quote_hint(value: Any) -> str:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return ': put it in quotes to make it text, e.g. "42"'
+    if isinstance(value, dict | list):
+        return ": write the text itself, not a nested structure"
+    return ""
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _role_list(role_names: dict[str, str]) -> str:
+    return ", ".join(repr(k) for k in role_names)

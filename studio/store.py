@@ -1,0 +1,344 @@
+"""The run store: SQLite in WAL mode, shared by the web server, the CLI and every worker process.
+
+Runs, their metrics and their events. Status changes go through `transition`, which refuses illegal
+moves (a completed run never becomes running again). Writers retry when another process holds the lock.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+
+class RunStatus(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    ABORTED = "aborted"
+    INTERRUPTED = "interrupted"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.ABORTED, RunStatus.INTERRUPTED)
+
+
+# Legal moves. Resuming puts a stopped run back in the queue; nothing leaves "completed".
+TRANSITIONS: dict[RunStatus, set[RunStatus]] = {
+    RunStatus.QUEUED: {RunStatus.RUNNING, RunStatus.ABORTED, RunStatus.FAILED},
+    RunStatus.RUNNING: {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.ABORTED, RunStatus.INTERRUPTED},
+    RunStatus.FAILED: {RunStatus.QUEUED},
+    RunStatus.ABORTED: {RunStatus.QUEUED},
+    RunStatus.INTERRUPTED: {RunStatus.QUEUED},
+    RunStatus.COMPLETED: set(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+class RunNotFound(KeyError):
+    def __str__(self) -> str:
+        return f"No run '{self.args[0]}'. List runs with `studio runs`."
+
+
+METRIC_FIELDS = ("epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "memory_mb")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    status TEXT NOT NULL,
+    config TEXT NOT NULL,
+    model TEXT NOT NULL DEFAULT '',
+    datasets TEXT NOT NULL DEFAULT '',
+    run_dir TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    pid INTEGER,
+    pid_started TEXT,
+    error TEXT,
+    step INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER NOT NULL DEFAULT 0,
+    final_loss REAL,
+    adapter_dir TEXT,
+    resume_from TEXT
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    step INTEGER NOT NULL,
+    time REAL NOT NULL,
+    epoch REAL,
+    loss REAL,
+    eval_loss REAL,
+    learning_rate REAL,
+    grad_norm REAL,
+    tokens_per_s REAL,
+    memory_mb REAL,
+    PRIMARY KEY (run_id, step)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    time REAL NOT NULL,
+    level TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_run ON events(run_id, id);
+"""
+
+
+@dataclass
+class Run:
+    id: str
+    name: str
+    status: RunStatus
+    config: dict[str, Any]
+    model: str
+    datasets: str
+    run_dir: str
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    pid: int | None = None
+    pid_started: str | None = None
+    error: str | None = None
+    step: int = 0
+    total_steps: int = 0
+    final_loss: float | None = None
+    adapter_dir: str | None = None
+    resume_from: str | None = None
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.started_at is None:
+            return None
+        return (self.finished_at or time.time()) - self.started_at
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["status"] = self.status.value
+        d["duration_s"] = self.duration_s
+        return d
+
+
+@dataclass
+class Metric:
+    step: int
+    time: float
+    epoch: float | None = None
+    loss: float | None = None
+    eval_loss: float | None = None
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    tokens_per_s: float | None = None
+    memory_mb: float | None = None
+
+
+@dataclass
+class Event:
+    id: int
+    run_id: str
+    time: float
+    level: str
+    message: str
+
+
+@dataclass
+class Store:
+    """One SQLite file. Open a Store per process (connections are not shared across forks)."""
+
+    path: Path
+    lock_wait_s: float = 60.0  # beyond SQLite's own busy timeout, for a writer that holds on long
+    _conn: sqlite3.Connection | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # executescript commits on its own, so it runs outside _tx; CREATE ... IF NOT EXISTS is idempotent.
+        self._connect().executescript(_SCHEMA)
+
+    # -- plumbing -----------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is None:
+            conn = sqlite3.connect(self.path, timeout=5, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=5000")
+            self._conn = conn
+        return self._conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction, retried while another process holds the lock beyond busy_timeout."""
+        conn = self._connect()
+        deadline = time.monotonic() + self.lock_wait_s
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) and "busy" not in str(err):
+                    raise
+                if time.monotonic() > deadline:
+                    raise sqlite3.OperationalError(
+                        f"The run store {self.path} stayed locked for {self.lock_wait_s:.0f} s; "
+                        "is another program holding it open in a transaction?"
+                    ) from err
+                time.sleep(0.1)
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        return self._connect().execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # -- runs ---------------------------------------------------------------------------------
+    def create_run(self, run_id: str, name: str, config: dict[str, Any], run_dir: str) -> Run:
+        model = str(config.get("model", {}).get("source", ""))
+        datasets = ",".join(config.get("data", {}).get("datasets", []))
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO runs (id, name, status, config, model, datasets, run_dir, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, name, RunStatus.QUEUED.value, json.dumps(config), model, datasets, run_dir, time.time()),
+            )
+        return self.get_run(run_id)
+
+    def get_run(self, run_id: str) -> Run:
+        rows = self._query("SELECT * FROM runs WHERE id = ?", (run_id,))
+        if not rows:
+            raise RunNotFound(run_id)
+        return _row_to_run(rows[0])
+
+    def list_runs(self, status: RunStatus | None = None) -> list[Run]:
+        if status is None:
+            rows = self._query("SELECT * FROM runs ORDER BY created_at DESC")
+        else:
+            rows = self._query("SELECT * FROM runs WHERE status = ? ORDER BY created_at DESC", (status.value,))
+        return [_row_to_run(r) for r in rows]
+
+    def queued_runs(self) -> list[Run]:
+        """Oldest first: the queue order."""
+        rows = self._query("SELECT * FROM runs WHERE status = ? ORDER BY created_at, rowid", (RunStatus.QUEUED.value,))
+        return [_row_to_run(r) for r in rows]
+
+    def transition(self, run_id: str, new: RunStatus, **fields: Any) -> Run:
+        """Move a run to `new`, refusing illegal moves; `fields` update other columns atomically."""
+        with self._tx() as c:
+            row = c.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise RunNotFound(run_id)
+            old = RunStatus(row["status"])
+            if new not in TRANSITIONS[old]:
+                raise IllegalTransition(f"Run {run_id} is {old.value}; it cannot become {new.value}.")
+            now = time.time()
+            if new == RunStatus.RUNNING:
+                fields.setdefault("started_at", now)
+                fields.setdefault("finished_at", None)
+            elif new.finished:
+                fields.setdefault("finished_at", now)
+                fields.setdefault("pid", None)
+            elif new == RunStatus.QUEUED:
+                fields.setdefault("error", None)
+            self._update(c, run_id, status=new.value, **fields)
+        return self.get_run(run_id)
+
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        with self._tx() as c:
+            self._update(c, run_id, **fields)
+
+    @staticmethod
+    def _update(c: sqlite3.Connection, run_id: str, **fields: Any) -> None:
+        if not fields:
+            return
+        allowed = set(Run.__dataclass_fields__) - {"id"}
+        bad = set(fields) - allowed
+        if bad:
+            raise KeyError(f"Unknown run fields: {sorted(bad)}")
+        if "config" in fields:
+            fields["config"] = json.dumps(fields["config"])
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        c.execute(f"UPDATE runs SET {cols} WHERE id = ?", (*fields.values(), run_id))
+
+    def delete_run(self, run_id: str) -> None:
+        with self._tx() as c:
+            c.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+
+    # -- metrics ------------------------------------------------------------------------------
+    def log_metrics(self, run_id: str, step: int, **values: float | None) -> None:
+        """Record values at a step. Train and eval logs at the same step merge into one row."""
+        bad = set(values) - set(METRIC_FIELDS)
+        if bad:
+            raise KeyError(f"Unknown metric fields: {sorted(bad)}")
+        cols = ["run_id", "step", "time", *values]
+        updates = ", ".join(f"{k} = COALESCE(excluded.{k}, {k})" for k in values) or "time = excluded.time"
+        with self._tx() as c:
+            c.execute(
+                f"INSERT INTO metrics ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+                f" ON CONFLICT(run_id, step) DO UPDATE SET {updates}",
+                (run_id, step, time.time(), *values.values()),
+            )
+            if values.get("loss") is not None:
+                c.execute(
+                    "UPDATE runs SET step = MAX(step, ?), final_loss = ? WHERE id = ?", (step, values["loss"], run_id)
+                )
+            else:
+                c.execute("UPDATE runs SET step = MAX(step, ?) WHERE id = ?", (step, run_id))
+
+    def metrics(self, run_id: str, after_step: int = -1) -> list[Metric]:
+        rows = self._query("SELECT * FROM metrics WHERE run_id = ? AND step > ? ORDER BY step", (run_id, after_step))
+        return [Metric(**{k: r[k] for k in dict(r) if k != "run_id"}) for r in rows]
+
+    def truncate_metrics(self, run_id: str, after_step: int) -> int:
+        """Drop points past a checkpoint before resuming from it, so the curve continues cleanly."""
+        with self._tx() as c:
+            cur = c.execute("DELETE FROM metrics WHERE run_id = ? AND step > ?", (run_id, after_step))
+            c.execute("UPDATE runs SET step = ? WHERE id = ?", (after_step, run_id))
+            return cur.rowcount
+
+    # -- events -------------------------------------------------------------------------------
+    def add_event(self, run_id: str, message: str, level: str = "info") -> None:
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO events (run_id, time, level, message) VALUES (?, ?, ?, ?)",
+                (run_id, time.time(), level, message),
+            )
+
+    def events(self, run_id: str, after_id: int = 0) -> list[Event]:
+        rows = self._query("SELECT * FROM events WHERE run_id = ? AND id > ? ORDER BY id", (run_id, after_id))
+        return [Event(**dict(r)) for r in rows]
+
+
+def _row_to_run(row: sqlite3.Row) -> Run:
+    d = dict(row)
+    d["status"] = RunStatus(d["status"])
+    d["config"] = json.loads(d["config"])
+    return Run(**d)
+
+
+def iso(ts: float | None) -> str:
+    if ts is None:
+        return ""
+    return datetime.fromtimestamp(ts, tz=timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M:%S")

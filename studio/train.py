@@ -1,0 +1,475 @@
+"""One training run: model + data + LoRA through transformers' Trainer, reporting into a MetricSink.
+
+`run_training` knows nothing of processes or the store: the worker gives it a sink and a stop flag.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from studio.config import BNB_OPTIMIZERS, RunConfig
+from studio.models import (
+    ResolvedModel,
+    detect_device,
+    expand_targets,
+    linear_layer_names,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+)
+
+IGNORE = -100
+ADAPTER_DIR = "adapter"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+class TrainingError(RuntimeError):
+    """A run cannot start or continue; the message says why and what to change."""
+
+
+class MetricSink(Protocol):
+    def log(self, step: int, **values: float | None) -> None: ...
+    def event(self, message: str, level: str = "info") -> None: ...
+    def progress(self, step: int, total: int) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    status: str  # "completed" | "aborted"
+    global_step: int
+    final_loss: float | None
+    adapter_dir: str | None
+    checkpoint_dir: str | None
+    train_samples: int
+    eval_samples: int
+    seconds: float
+
+
+@dataclass
+class PreparedData:
+    train: list[dict[str, list[int]]]
+    eval: list[dict[str, list[int]]]
+    lengths: list[int]
+    truncated: int
+    packed: bool
+
+
+@dataclass
+class TokenCounter:
+    """Real (non-padding) tokens handed to the model; the collator adds, the speed meter reads."""
+
+    total: int = 0
+
+
+@dataclass
+class Collator:
+    pad_id: int
+    counter: TokenCounter = field(default_factory=TokenCounter)
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(f["input_ids"]) for f in features)
+        packed = "position_ids" in features[0]
+        ids, labels, mask, positions = [], [], [], []
+        for f in features:
+            n = len(f["input_ids"])
+            pad = width - n
+            ids.append(f["input_ids"] + [self.pad_id] * pad)
+            labels.append(f["labels"] + [IGNORE] * pad)
+            mask.append([1] * n + [0] * pad)
+            if packed:
+                # Padding gets its own position run, so it forms a separate (fully masked) segment.
+                positions.append(f["position_ids"] + list(range(pad)))
+            self.counter.total += n
+        batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+        if packed:
+            # No attention_mask: transformers then derives a block-diagonal mask from the position ids,
+            # so packed samples never attend to each other (sdpa and eager alike).
+            batch["position_ids"] = torch.tensor(positions)
+        else:
+            batch["attention_mask"] = torch.tensor(mask)
+        return batch
+
+
+def prepare_data(config: RunConfig, tokenizer, home: Path | None = None) -> PreparedData:
+    """Registered datasets -> tokenized, masked samples, split into train and eval, optionally packed."""
+    from studio.data import DatasetRegistry, build_sample, pack_samples
+
+    registry = DatasetRegistry(home) if home is not None else DatasetRegistry()
+    samples = []
+    for name in config.data.datasets:
+        examples = registry.load_examples(name)
+        if config.data.max_samples:
+            examples = examples[: config.data.max_samples]
+        for ex in examples:
+            samples.append(build_sample(tokenizer, ex, config.data.cutoff_len, config.data.train_on_prompt))
+    samples = [s for s in samples if any(label != IGNORE for label in s.labels)]
+    if not samples:
+        raise TrainingError(
+            "No sample has a trained token left after tokenization: every answer was cut off by cutoff_len "
+            f"({config.data.cutoff_len}). Raise data.cutoff_len."
+        )
+    rng = random.Random(config.train.seed)
+    order = list(range(len(samples)))
+    rng.shuffle(order)
+    n_eval = round(len(samples) * config.data.val_size) if config.data.val_size > 0 else 0
+    if config.data.val_size > 0 and n_eval == 0:
+        n_eval = 1
+    if n_eval >= len(samples):
+        raise TrainingError(
+            f"val_size={config.data.val_size} leaves no training samples out of {len(samples)}. Lower data.val_size."
+        )
+    eval_idx, train_idx = order[:n_eval], order[n_eval:]
+    lengths = [s.full_length for s in samples]
+    truncated = sum(1 for s in samples if s.truncated)
+
+    def as_row(s) -> dict[str, list[int]]:
+        return {"input_ids": list(s.input_ids), "labels": list(s.labels)}
+
+    train_samples = [samples[i] for i in train_idx]
+    if config.data.packing:
+        train = [
+            {"input_ids": list(p.input_ids), "labels": list(p.labels), "position_ids": list(p.position_ids)}
+            for p in pack_samples(train_samples, config.data.cutoff_len)
+        ]
+    else:
+        train = [as_row(s) for s in train_samples]
+    return PreparedData(
+        train=train,
+        eval=[as_row(samples[i]) for i in eval_idx],
+        lengths=lengths,
+        truncated=truncated,
+        packed=config.data.packing,
+    )
+
+
+def lora_config(config: RunConfig, available: list[str]):
+    """peft's LoraConfig for our LoraSpec; unknown target modules are an error naming the choices."""
+    from peft import LoraConfig
+
+    spec = config.lora
+    targets = expand_targets(spec.target_modules, available)
+    missing = [t for t in targets if t not in available]
+    if missing or not targets:
+        raise TrainingError(
+            f"Target module(s) {', '.join(missing) or '(none)'} not found in this model. "
+            f"Its linear layers are: {', '.join(available)}; or use 'all-linear'."
+        )
+    init: bool | str = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}[spec.init]
+    return LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=targets,
+        bias=spec.bias,
+        use_rslora=spec.use_rslora,
+        use_dora=spec.use_dora,
+        init_lora_weights=init,
+        task_type="CAUSAL_LM",
+    )
+
+
+def check_runtime(config: RunConfig, device: str) -> None:
+    """Combinations the hardware refuses, caught before minutes of loading."""
+    import torch
+
+    ct = config.train.compute_type
+    if device == "cpu" and ct == "fp16":
+        raise TrainingError("fp16 training needs a GPU (no fp16 loss scaling on CPU). Use fp32 or bf16 on CPU.")
+    if device == "cuda" and ct == "bf16" and not torch.cuda.is_bf16_supported():
+        raise TrainingError("This GPU has no bf16 support. Use fp16 (with loss scaling) or fp32.")
+    if config.quant.mode != "none":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as err:
+            raise TrainingError("Quantized training needs bitsandbytes: pip install bitsandbytes") from err
+
+
+def _peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    # ru_maxrss is in KiB on Linux: the process's peak resident memory.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _training_args(config: RunConfig, run_dir: Path, device: str, has_eval: bool):
+    from transformers import TrainingArguments
+
+    t = config.train
+    optim = t.optimizer
+    if device != "cuda" and optim.startswith("paged_"):
+        # Paged optimizers page states to CPU through CUDA unified memory; on CPU they are plain ones.
+        optim = optim.replace("paged_", "")
+    return TrainingArguments(
+        output_dir=str(run_dir / CHECKPOINTS_DIR),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps if t.max_steps > 0 else -1,
+        max_grad_norm=t.max_grad_norm if t.max_grad_norm > 0 else 0.0,
+        weight_decay=t.weight_decay,
+        optim=optim,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=t.compute_type == "bf16",
+        fp16=t.compute_type == "fp16",
+        use_cpu=device == "cpu",
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=t.eval_steps if has_eval else None,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_pin_memory=device == "cuda",
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+    )
+
+
+def _studio_callback(sink: MetricSink, should_stop: Callable[[], bool], counter: TokenCounter, device: str):
+    from transformers import TrainerCallback
+
+    class StudioCallback(TrainerCallback):
+        """Metrics to the sink at each log; a stop request becomes save-then-stop at the next step."""
+
+        def __init__(self) -> None:
+            self.aborted = False
+            self._mark = (time.perf_counter(), 0)
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self._mark = (time.perf_counter(), counter.total)
+            sink.progress(state.global_step, state.max_steps)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sink.progress(state.global_step, state.max_steps)
+            if should_stop():
+                self.aborted = True
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            values: dict[str, float | None] = {}
+            if "loss" in logs:
+                now, seen = time.perf_counter(), counter.total
+                dt = now - self._mark[0]
+                values["tokens_per_s"] = (seen - self._mark[1]) / dt if dt > 0 else None
+                self._mark = (now, seen)
+                values["loss"] = float(logs["loss"])
+                values["learning_rate"] = _num(logs.get("learning_rate"))
+                values["grad_norm"] = _num(logs.get("grad_norm"))
+                values["memory_mb"] = _peak_memory_mb(device)
+            if "eval_loss" in logs:
+                values["eval_loss"] = float(logs["eval_loss"])
+            if values:
+                values["epoch"] = _num(state.epoch)
+                sink.log(state.global_step, **values)
+
+    return StudioCallback()
+
+
+def _num(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _make_optimizer(config: RunConfig, model, args):
+    """LoRA+ gives B a larger learning rate than A; otherwise the Trainer builds the optimizer."""
+    if not config.lora.loraplus_lr_ratio:
+        return (None, None)
+    import torch
+    from peft.optimizers import create_loraplus_optimizer
+
+    opt = create_loraplus_optimizer(
+        model=model,
+        optimizer_cls=torch.optim.AdamW,
+        lr=config.train.learning_rate,
+        loraplus_lr_ratio=config.lora.loraplus_lr_ratio,
+        weight_decay=config.train.weight_decay,
+    )
+    return (opt, None)
+
+
+def write_run_json(path: Path, config: RunConfig, model: ResolvedModel, result: dict[str, Any]) -> None:
+    """What made this adapter: base model, config, outcome. Written last, so its presence means done."""
+    body = {
+        "base_model": {"kind": model.kind, "name": model.name, "path": model.path, "source": config.model.source},
+        "config": config.to_dict(),
+        **result,
+    }
+    tmp = path / "run.json.tmp"
+    tmp.write_text(json.dumps(body, indent=2))
+    tmp.replace(path / "run.json")
+
+
+def run_training(
+    config: RunConfig,
+    run_dir: Path,
+    sink: MetricSink,
+    should_stop: Callable[[], bool] = lambda: False,
+    resume_from: str | None = None,
+    home: Path | None = None,
+) -> TrainResult:
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import Trainer, set_seed
+
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    config.check()
+    if config.train.num_threads:
+        torch.set_num_threads(config.train.num_threads)
+    device = detect_device(config.train.device)
+    check_runtime(config, device)
+    set_seed(config.train.seed)
+
+    resolved = resolve_model(config.model.source)
+    sink.event(
+        f"Model: {resolved.name} ({resolved.kind}) on {device}, compute {config.train.compute_type}"
+        + (f", base in {config.quant.mode}" if config.quant.mode != "none" else "")
+    )
+    tokenizer = load_tokenizer(resolved, config.model.trust_remote_code)
+    data = prepare_data(config, tokenizer, home)
+    lengths = sorted(data.lengths)
+    sink.event(
+        f"Data: {len(data.train)} train {'blocks (packed)' if data.packed else 'samples'}, {len(data.eval)} eval; "
+        f"tokens per sample median {lengths[len(lengths) // 2]}, max {lengths[-1]}; "
+        f"{data.truncated} of {len(lengths)} cut at {config.data.cutoff_len}"
+    )
+    if should_stop():
+        return TrainResult("aborted", 0, None, None, None, len(data.train), len(data.eval), 0.0)
+
+    quant = config.quant if config.quant.mode != "none" else None
+    model = load_model(resolved, config.train.compute_type, quant, device, config.model.trust_remote_code)
+    if quant is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.train.gradient_checkpointing)
+    elif config.train.gradient_checkpointing:
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    available = linear_layer_names(model)
+    model = get_peft_model(model, lora_config(config, available))
+    trainable, total = model.get_nb_trainable_parameters()
+    sink.event(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
+
+    args = _training_args(config, run_dir, device, bool(data.eval))
+    if config.train.optimizer in BNB_OPTIMIZERS and device != "cuda":
+        sink.event(
+            f"{config.train.optimizer}: bitsandbytes runs it on CPU"
+            + (" without paging (paging needs CUDA unified memory)" if "paged" in config.train.optimizer else ""),
+            "warning",
+        )
+    counter = TokenCounter()
+    callback = _studio_callback(sink, should_stop, counter, device)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval or None,
+        data_collator=Collator(tokenizer.pad_token_id, counter),
+        processing_class=tokenizer,
+        callbacks=[callback],
+        optimizers=_make_optimizer(config, model, args),
+    )
+    if resume_from:
+        sink.event(f"Resuming from {Path(resume_from).name}")
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    step = trainer.state.global_step
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    final_loss = float(losses[-1]) if losses else _num(output.training_loss)
+    checkpoint = _latest_checkpoint(run_dir)
+    if callback.aborted:
+        sink.event(f"Stopped at step {step}; checkpoint saved at {checkpoint}", "warning")
+        return TrainResult(
+            "aborted",
+            step,
+            final_loss,
+            None,
+            str(checkpoint) if checkpoint else None,
+            len(data.train),
+            len(data.eval),
+            time.perf_counter() - started,
+        )
+
+    adapter_dir = run_dir / ADAPTER_DIR
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    seconds = time.perf_counter() - started
+    write_run_json(
+        adapter_dir,
+        config,
+        resolved,
+        {
+            "global_step": step,
+            "final_loss": final_loss,
+            "train_samples": len(data.train),
+            "eval_samples": len(data.eval),
+            "trainable_parameters": trainable,
+            "seconds": round(seconds, 2),
+        },
+    )
+    sink.event(f"Adapter saved to {adapter_dir}")
+    return TrainResult(
+        "completed",
+        step,
+        final_loss,
+        str(adapter_dir),
+        str(checkpoint) if checkpoint else None,
+        len(data.train),
+        len(data.eval),
+        seconds,
+    )
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints of a run, newest (highest step) first."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+
+
+def checkpoint_is_complete(path: Path) -> bool:
+    """A resumable checkpoint has the adapter weights, the optimizer and the trainer state."""
+    return all((path / f).is_file() for f in ("adapter_model.safetensors", "trainer_state.json", "optimizer.pt"))
+
+
+def _latest_checkpoint(run_dir: Path) -> Path | None:
+    for path in list_checkpoints(run_dir):
+        if checkpoint_is_complete(path):
+            return path
+    return None
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    return _latest_checkpoint(run_dir)
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(Path(path).name.split("-")[-1])

@@ -1,0 +1,98 @@
+import pytest
+
+from studio.config import ConfigError, LoraSpec, RunConfig, merge_dicts
+
+
+def good() -> RunConfig:
+    cfg = RunConfig()
+    cfg.data.datasets = ["studio-facts"]
+    return cfg
+
+
+def test_defaults_with_a_dataset_are_valid():
+    assert good().validate() == []
+
+
+def test_defaults_follow_field_notes():
+    cfg = RunConfig()
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules) == (16, 32, "all-linear")
+    assert cfg.train.learning_rate == 2e-4 and cfg.train.lr_scheduler == "cosine"
+
+
+def test_every_problem_is_reported_at_once():
+    cfg = RunConfig.from_dict(
+        {
+            "lora": {"r": 0, "alpha": "abc", "dropout": 1.5},
+            "train": {"learning_rate": -1.0, "batch_size": 0, "optimizer": "adamw_9bit"},
+            "data": {"datasets": [], "val_size": 1.0},
+        }
+    )
+    problems = cfg.validate()
+    joined = "\n".join(problems)
+    for needle in (
+        "lora.r",
+        "lora.alpha",
+        "lora.dropout",
+        "train.learning_rate",
+        "train.batch_size",
+        "train.optimizer",
+        "data.datasets",
+        "data.val_size",
+    ):
+        assert needle in joined, needle
+    assert len(problems) == 8
+
+
+def test_check_raises_with_all_problems():
+    cfg = RunConfig()
+    cfg.lora.r = 0
+    with pytest.raises(ConfigError) as err:
+        cfg.check()
+    assert len(err.value.problems) == 2  # r and the missing dataset
+
+
+def test_yaml_round_trip_is_exact():
+    cfg = good()
+    cfg.lora.target_modules = ["q_proj", "v_proj"]
+    cfg.quant.mode = "4bit"
+    cfg.train.max_steps = 7
+    cfg.lora.loraplus_lr_ratio = 16.0
+    again = RunConfig.from_yaml(cfg.to_yaml())
+    assert again == cfg
+
+
+def test_unknown_keys_are_named():
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_dict({"lora": {"rank": 8}, "trian": {}})
+    text = str(err.value)
+    assert "lora.rank" in text and "trian" in text
+
+
+def test_strings_from_yaml_are_coerced_where_lossless():
+    cfg = RunConfig.from_dict({"train": {"learning_rate": "2e-4", "batch_size": 4.0}, "lora": {"alpha": 16}})
+    assert cfg.train.learning_rate == 2e-4 and isinstance(cfg.train.batch_size, int)
+    assert isinstance(cfg.lora.alpha, float)
+
+
+def test_fp16_on_cpu_is_refused():
+    cfg = good()
+    cfg.train.device = "cpu"
+    cfg.train.compute_type = "fp16"
+    assert any("fp16" in p for p in cfg.validate())
+
+
+def test_quantized_base_refuses_pissa_and_bias():
+    cfg = good()
+    cfg.quant.mode = "4bit"
+    cfg.lora.init = "pissa"
+    cfg.lora.bias = "all"
+    problems = cfg.validate()
+    assert any("PiSSA" in p for p in problems) and any("Bias" in p for p in problems)
+
+
+def test_target_list_parses_comma_strings():
+    assert LoraSpec(target_modules="q_proj, v_proj").target_list() == ["q_proj", "v_proj"]
+
+
+def test_merge_dicts_is_deep():
+    assert merge_dicts({"a": {"x": 1, "y": 2}, "b": 1}, {"a": {"y": 3}}) == {"a": {"x": 1, "y": 3}, "b": 1}

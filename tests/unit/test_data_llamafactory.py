@@ -1,0 +1,165 @@
+"""LLaMA-Factory dataset_info.json: mapping entries, importing files, and why others were skipped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from studio.data import ColumnMap, DataError, DatasetRegistry, import_dataset_info, map_entry
+from studio.paths import bundled_datasets_dir
+
+OPENAI_TAGS = {
+    "role_tag": "role",
+    "content_tag": "content",
+    "user_tag": "user",
+    "assistant_tag": "assistant",
+    "system_tag": "system",
+}
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ({"file_name": "a.json"}, ("alpaca", ColumnMap())),
+        (
+            {"columns": {"prompt": "q", "query": "ctx", "response": "a", "history": "h", "system": "s"}},
+            ("alpaca", ColumnMap(instruction="q", input="ctx", output="a", history="h", system="s")),
+        ),
+        ({"columns": {"prompt": "text"}}, ("text", ColumnMap(text="text"))),
+        ({"formatting": "sharegpt"}, ("sharegpt", ColumnMap())),
+        (
+            {"formatting": "sharegpt", "columns": {"messages": "messages"}, "tags": OPENAI_TAGS},
+            ("openai", ColumnMap()),
+        ),
+        (
+            {"formatting": "sharegpt", "tags": OPENAI_TAGS},
+            ("openai", ColumnMap(messages="conversations")),
+        ),
+        (
+            {
+                "formatting": "sharegpt",
+                "columns": {"messages": "chat", "system": "sys"},
+                "tags": {"role_tag": "speaker", "user_tag": "Q"},
+            },
+            ("sharegpt", ColumnMap(messages="chat", system="sys", role_tag="speaker", user_tag="Q")),
+        ),
+    ],
+)
+def test_map_entry(spec, expected):
+    assert map_entry(spec) == expected
+
+
+@pytest.mark.parametrize(
+    ("spec", "reason"),
+    [
+        (
+            {"hf_hub_url": "org/ds"},
+            "it is fetched from a hub or the cloud (hf_hub_url), which is not reachable",
+        ),
+        ({"ms_hub_url": "org/ds"}, "(ms_hub_url)"),
+        ({"script_url": "x"}, "(script_url)"),
+        ({"cloud_file_name": "s3://b/x.json"}, "(cloud_file_name)"),
+        ({"file_name": "a.json", "ranking": True}, "it is a ranking / preference dataset (ranking: true)"),
+        ({"formatting": "openai"}, "formatting 'openai' is not supported; use 'alpaca' or 'sharegpt'."),
+        (
+            {"formatting": "sharegpt", "columns": {"tools": "tools"}},
+            "it uses the column(s) tools, which are not",
+        ),
+        ({"columns": {"prompt": "p", "images": "img"}}, "it uses the column(s) images"),
+        ({"columns": {"chosen": "c", "rejected": "r"}}, "it uses the column(s) chosen, rejected"),
+        ({"columns": {"kto_tag": "k"}}, "it uses the column(s) kto_tag"),
+        (
+            {"columns": {"prompt": "p", "answer": "a"}},
+            "unknown column key(s) for alpaca: answer; expected some of",
+        ),
+    ],
+)
+def test_map_entry_refusals(spec, reason):
+    with pytest.raises(DataError) as info:
+        map_entry(spec)
+    assert reason in str(info.value)
+
+
+def write(path: Path, rows: list[dict]) -> None:
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+
+
+def test_import_registers_usable_entries_and_explains_the_rest(tmp_path):
+    data = tmp_path / "lf"
+    data.mkdir()
+    write(data / "alpaca.jsonl", [{"q": "Capital?", "a": "Port Amsel."}])
+    write(
+        data / "chat.jsonl",
+        [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}],
+    )
+    write(
+        data / "oai.jsonl",
+        [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}],
+    )
+    write(data / "bad.jsonl", [{"instruction": "q", "output": 1}, {"instruction": "q"}])
+    write(data / "taken.jsonl", [{"instruction": "q", "output": "a"}])
+    info = {
+        "my_alpaca": {"file_name": "alpaca.jsonl", "columns": {"prompt": "q", "response": "a"}},
+        "my_chat": {"file_name": "chat.jsonl", "formatting": "sharegpt"},
+        "my_oai": {
+            "file_name": "oai.jsonl",
+            "formatting": "sharegpt",
+            "columns": {"messages": "messages"},
+            "tags": OPENAI_TAGS,
+        },
+        "hub": {"hf_hub_url": "org/ds"},
+        "prefs": {"file_name": "alpaca.jsonl", "ranking": True},
+        "gone": {"file_name": "gone.json"},
+        "pics": {"file_name": "alpaca.jsonl", "columns": {"prompt": "q", "images": "img"}},
+        "bad": {"file_name": "bad.jsonl"},
+        "taken": {"file_name": "taken.jsonl"},
+        "bad/name": {"file_name": "taken.jsonl"},
+    }
+    (data / "dataset_info.json").write_text(json.dumps(info))
+    registry = DatasetRegistry(tmp_path / "home", bundled_dir=tmp_path / "no-bundled")
+    registry.add("taken", data / "taken.jsonl")
+
+    report = import_dataset_info(registry, data / "dataset_info.json")
+
+    assert report.registered == ["my_alpaca", "my_chat", "my_oai"]
+    reasons = dict(report.skipped)
+    assert list(reasons) == ["hub", "prefs", "gone", "pics", "bad", "taken", "bad/name"]
+    assert reasons["hub"].startswith("it is fetched from a hub or the cloud (hf_hub_url)")
+    assert reasons["prefs"].startswith("it is a ranking / preference dataset")
+    assert reasons["gone"] == "its file 'gone.json' was not found next to dataset_info.json."
+    assert reasons["pics"].startswith("it uses the column(s) images")
+    assert reasons["bad"].startswith("'bad.jsonl' cannot be registered as alpaca. 2 rows read, 0 usable.")
+    assert "row 1: 'output' must be text, got a number (1)" in reasons["bad"]
+    assert "row 2: 'output' is missing (no value)" in reasons["bad"]
+    assert reasons["taken"].startswith("A dataset named 'taken' already exists")
+    assert reasons["bad/name"].startswith("The dataset name 'bad/name' contains a slash")
+
+    assert registry.get("my_oai").format == "openai"
+    assert registry.get("my_chat").format == "sharegpt"
+    assert registry.get("my_alpaca").column_map == {"instruction": "q", "output": "a"}
+    assert [m.content for m in registry.load_examples("my_alpaca")[0].messages] == ["Capital?", "Port Amsel."]
+
+
+def test_bundled_dataset_info_imports_cleanly(tmp_path):
+    registry = DatasetRegistry(tmp_path / "home", bundled_dir=tmp_path / "no-bundled")
+    report = import_dataset_info(registry, bundled_datasets_dir() / "dataset_info.json")
+    assert (report.registered, report.skipped) == (["studio-facts", "studio-chats"], [])
+    assert [e.rows for e in registry.list()] == [30, 60]  # sorted by name: studio-chats, studio-facts
+
+
+def test_bundled_names_are_taken_in_a_normal_registry(tmp_path):
+    report = import_dataset_info(DatasetRegistry(tmp_path / "home"), bundled_datasets_dir() / "dataset_info.json")
+    assert report.registered == []
+    assert [name for name, _ in report.skipped] == ["studio-facts", "studio-chats"]
+    assert "bundled sample" in report.skipped[0][1]
+
+
+def test_unreadable_info_file(tmp_path):
+    registry = DatasetRegistry(tmp_path / "home")
+    with pytest.raises(DataError, match=r"does not exist\. Give the path of a LLaMA-Factory dataset_info\.json"):
+        import_dataset_info(registry, tmp_path / "dataset_info.json")
+    (tmp_path / "dataset_info.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match="must hold a JSON object of dataset name -> entry"):
+        import_dataset_info(registry, tmp_path / "dataset_info.json")

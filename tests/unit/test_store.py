@@ -1,0 +1,112 @@
+import sqlite3
+import threading
+
+import pytest
+
+from studio.store import TRANSITIONS, IllegalTransition, RunNotFound, RunStatus, Store
+
+
+@pytest.fixture
+def store(tmp_path):
+    return Store(tmp_path / "studio.db")
+
+
+def make(store, run_id="r1"):
+    config = {"model": {"source": "bundled"}, "data": {"datasets": ["a", "b"]}}
+    return store.create_run(run_id, "demo", config, "/x")
+
+
+def test_new_run_is_queued_with_its_summary_columns(store):
+    run = make(store)
+    assert run.status == RunStatus.QUEUED and run.model == "bundled" and run.datasets == "a,b"
+
+
+def test_legal_path_through_the_lifecycle(store):
+    make(store)
+    run = store.transition("r1", RunStatus.RUNNING, pid=123)
+    assert run.pid == 123 and run.started_at is not None
+    run = store.transition("r1", RunStatus.INTERRUPTED, error="gone")
+    assert run.pid is None and run.finished_at is not None and run.error == "gone"
+    run = store.transition("r1", RunStatus.QUEUED)
+    assert run.error is None
+    store.transition("r1", RunStatus.RUNNING)
+    assert store.transition("r1", RunStatus.COMPLETED).status == RunStatus.COMPLETED
+
+
+@pytest.mark.parametrize("old", list(RunStatus))
+@pytest.mark.parametrize("new", list(RunStatus))
+def test_transition_table_is_enforced(tmp_path, old, new):
+    store = Store(tmp_path / "s.db")
+    make(store)
+    store.update_run("r1", status=old.value)
+    if new in TRANSITIONS[old]:
+        assert store.transition("r1", new).status == new
+    else:
+        with pytest.raises(IllegalTransition):
+            store.transition("r1", new)
+        assert store.get_run("r1").status == old
+
+
+def test_completed_is_final(store):
+    make(store)
+    store.transition("r1", RunStatus.RUNNING)
+    store.transition("r1", RunStatus.COMPLETED)
+    assert TRANSITIONS[RunStatus.COMPLETED] == set()
+
+
+def test_train_and_eval_logs_merge_into_one_row(store):
+    make(store)
+    store.log_metrics("r1", 10, loss=2.0, learning_rate=1e-4)
+    store.log_metrics("r1", 10, eval_loss=2.5)
+    (m,) = store.metrics("r1")
+    assert (m.step, m.loss, m.eval_loss, m.learning_rate) == (10, 2.0, 2.5, 1e-4)
+    run = store.get_run("r1")
+    assert run.step == 10 and run.final_loss == 2.0
+
+
+def test_truncate_metrics_for_resume(store):
+    make(store)
+    for step in (5, 10, 15):
+        store.log_metrics("r1", step, loss=1.0 / step)
+    assert store.truncate_metrics("r1", 10) == 1
+    assert [m.step for m in store.metrics("r1")] == [5, 10]
+    assert store.get_run("r1").step == 10
+
+
+def test_unknown_run_and_unknown_fields(store):
+    with pytest.raises(RunNotFound):
+        store.get_run("nope")
+    make(store)
+    with pytest.raises(KeyError):
+        store.log_metrics("r1", 1, bogus=1.0)
+
+
+def test_deleting_a_run_deletes_its_metrics_and_events(store):
+    make(store)
+    store.log_metrics("r1", 1, loss=1.0)
+    store.add_event("r1", "hello")
+    store.delete_run("r1")
+    assert store.metrics("r1") == [] and store.events("r1") == []
+
+
+def test_wal_mode_and_a_lock_held_by_another_connection_is_waited_out(tmp_path):
+    path = tmp_path / "s.db"
+    store = Store(path)
+    make(store)
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    other.execute("BEGIN IMMEDIATE")
+    timer = threading.Timer(0.5, lambda: other.execute("COMMIT"))
+    timer.start()
+    store.log_metrics("r1", 1, loss=1.5)  # blocks until the other writer commits, then succeeds
+    timer.join()
+    assert store.metrics("r1")[0].loss == 1.5
+
+
+def test_events_are_ordered_and_incremental(store):
+    make(store)
+    store.add_event("r1", "a")
+    store.add_event("r1", "b", "warning")
+    first = store.events("r1")
+    assert [e.message for e in first] == ["a", "b"]
+    assert store.events("r1", first[0].id)[0].level == "warning"
