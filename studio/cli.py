@@ -48,11 +48,11 @@ def _parse_set(pairs: list[str]) -> dict:
 
 
 def load_run_config(spec: str, overrides: list[str] | None = None) -> RunConfig:
-    """A config file path, or a preset name, with --set overrides merged on top."""
+    """A config file or preset file (partial configs are merged over the defaults; a preset's
+    `description` is allowed), or a preset name, with --set overrides merged on top."""
     from studio.presets import load_preset
 
-    path = Path(spec)
-    config = RunConfig.load(path) if path.suffix in (".yaml", ".yml") or path.is_file() else load_preset(spec)
+    config = load_preset(spec)
     if overrides:
         config = RunConfig.from_dict(merge_dicts(config.to_dict(), _parse_set(overrides)))
     return config

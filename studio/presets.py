@@ -49,10 +49,12 @@ def preset_names(directory: Path | None = None) -> list[str]:
 
 def load_preset(name_or_path: str, directory: Path | None = None) -> RunConfig:
     """A preset by name ('quick-demo') or by path, as a full RunConfig."""
-    path = Path(name_or_path)
-    if not path.suffix:
+    path = Path(name_or_path).expanduser()
+    if not path.suffix and not path.is_file():
         path = (directory or presets_dir()) / f"{name_or_path}.yaml"
     if not path.is_file():
+        if path.suffix:
+            raise ConfigError([f"Config file '{name_or_path}' does not exist."])
         names = ", ".join(preset_names(directory)) or "none"
         raise ConfigError([f"No preset '{name_or_path}'. Available presets: {names}."])
     return _read(path).to_config()

@@ -266,7 +266,7 @@ def test_bundled_samples_are_listed_and_load(registry):
     bundled = {e.name: e for e in registry.list()}
     assert set(bundled) == {"studio-facts", "studio-chats"}
     facts, chats = bundled["studio-facts"], bundled["studio-chats"]
-    assert (facts.format, facts.rows, facts.bundled, facts.file) == ("alpaca", 60, True, "studio_facts.json")
+    assert (facts.format, facts.rows, facts.bundled, facts.file) == ("alpaca", 72, True, "studio_facts.json")
     assert (chats.format, chats.rows, chats.bundled, chats.column_map) == ("openai", 30, True, {})
     assert facts.sha256 == file_sha256(registry.path_of(facts))
     assert len(registry.load_examples("studio-chats", skip_invalid=False)) == 30

@@ -1,0 +1,39 @@
+"""What every tab shares: the engine handles, and small helpers to turn engine errors into messages.
+
+Tabs are modules with `build(ctx: UIContext, tab: gr.Tab) -> None`, called inside `with tab:`. They
+wire widgets to pure callback functions (module-level, testable without a browser) that take plain
+values and return plain values or dataclasses; the callbacks call the engine, never the other way round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from studio.jobs import JobManager
+from studio.paths import studio_home
+
+
+@dataclass
+class UIContext:
+    home: Path = field(default_factory=studio_home)
+    _jobs: JobManager | None = field(default=None, init=False, repr=False)
+
+    @property
+    def jobs(self) -> JobManager:
+        if self._jobs is None:
+            self._jobs = JobManager(self.home)
+        return self._jobs
+
+    def registry(self):
+        from studio.data import DatasetRegistry
+
+        return DatasetRegistry(self.home)
+
+
+def error_message(err: BaseException) -> str:
+    """Engine errors already say what is wrong and how to fix it; show them as they are."""
+    problems = getattr(err, "problems", None)
+    if problems:
+        return "**Please fix:**\n" + "\n".join(f"- {p}" for p in problems)
+    return f"**Error:** {err}"

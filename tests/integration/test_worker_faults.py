@@ -1,0 +1,122 @@
+"""Real worker processes on a tiny random Llama: SIGTERM saves and aborts, SIGKILL is found and resumed,
+an exception fails the run with its reason. Behaviour, not learning, is under test here."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from studio.config import RunConfig
+from studio.jobs import JobManager
+from studio.store import RunStatus
+from studio.train import checkpoint_step, latest_checkpoint
+
+pytestmark = pytest.mark.integration
+
+
+def tiny_config(model_dir, max_steps: int, **train) -> RunConfig:
+    cfg = RunConfig(name="tiny")
+    cfg.model.source = str(model_dir)
+    cfg.data.datasets = ["studio-facts"]
+    cfg.data.cutoff_len = 64
+    cfg.lora.r = 4
+    cfg.train.max_steps = max_steps
+    cfg.train.batch_size = 4
+    cfg.train.grad_accum = 1
+    cfg.train.logging_steps = 1
+    cfg.train.save_steps = 10
+    cfg.train.save_total_limit = 2
+    cfg.train.learning_rate = 1e-3
+    cfg.train.num_threads = 1
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    return cfg
+
+
+def wait_for(predicate, timeout: float = 120.0, poll: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture
+def jobs(home):
+    manager = JobManager(home)
+    yield manager
+    for run in manager.store.list_runs(RunStatus.RUNNING):  # never leave a worker behind
+        if run.pid:
+            try:
+                os.kill(run.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_sigterm_saves_a_checkpoint_and_aborts(jobs, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = jobs.submit(tiny_config(tiny_model_dir, max_steps=5000))
+    wait_for(lambda: jobs.store.get_run(run.id).step >= 3)
+    os.kill(jobs.store.get_run(run.id).pid, signal.SIGTERM)
+    done = jobs.wait(run.id, timeout=120)
+    assert done.status == RunStatus.ABORTED, done.error
+    ckpt = latest_checkpoint(jobs.run_dir(run.id))
+    assert ckpt is not None and checkpoint_step(ckpt) >= 3
+    assert checkpoint_step(ckpt) == done.step  # saved exactly where it stopped, not at the last save_steps
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), ckpt)
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
+    assert not (jobs.run_dir(run.id) / "adapter").exists()  # only a completed run has a final adapter
+
+
+def test_sigkill_is_marked_interrupted_and_resume_continues_the_curve(jobs, home, tiny_model_dir):
+    run = jobs.submit(tiny_config(tiny_model_dir, max_steps=60))
+    wait_for(lambda: latest_checkpoint(jobs.run_dir(run.id)) is not None and jobs.store.get_run(run.id).step >= 12)
+    pid = jobs.store.get_run(run.id).pid
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z")
+    jobs._children.clear()  # forget the child, as a restarted server would
+    restarted = JobManager(home)
+    killed = restarted.store.get_run(run.id)
+    assert killed.status == RunStatus.INTERRUPTED and f"pid {pid}" in killed.error
+    ckpt = restarted.resumable_checkpoint(run.id)
+    assert ckpt is not None
+    resumed_from = checkpoint_step(ckpt)
+
+    restarted.resume(run.id)
+    done = restarted.wait(run.id, timeout=300)
+    assert done.status == RunStatus.COMPLETED, done.error
+    steps = [m.step for m in restarted.store.metrics(run.id) if m.loss is not None]
+    assert steps == sorted(set(steps))  # no step twice: the curve continues, it does not restart
+    assert steps[0] == 1 and steps[-1] == 60 and resumed_from in steps
+    assert done.step == 60
+    assert any(f"Resuming from checkpoint-{resumed_from}" in e.message for e in restarted.store.events(run.id))
+
+
+def test_an_exception_fails_the_run_with_reason_and_log(jobs, tiny_model_dir):
+    cfg = tiny_config(tiny_model_dir, max_steps=5)
+    cfg.lora.target_modules = ["q_proj", "no_such_layer"]
+    run = jobs.submit(cfg)
+    done = jobs.wait(run.id, timeout=120)
+    assert done.status == RunStatus.FAILED
+    assert "no_such_layer" in done.error and "q_proj" in done.error  # what is wrong and what exists
+    assert "--- last log lines ---" in done.error
+    assert done.pid is None and done.finished_at is not None
+
+
+def test_queue_runs_one_at_a_time_and_moves_on_by_itself(jobs, tiny_model_dir):
+    first = jobs.submit(tiny_config(tiny_model_dir, max_steps=8))
+    second = jobs.submit(tiny_config(tiny_model_dir, max_steps=8))
+    assert jobs.store.get_run(second.id).status == RunStatus.QUEUED  # one training slot
+    # No scheduler runs in this test: the first worker starts the second when it finishes.
+    done = jobs.wait(second.id, timeout=180)
+    assert done.status == RunStatus.COMPLETED
+    a, b = jobs.store.get_run(first.id), done
+    assert a.status == RunStatus.COMPLETED and a.finished_at <= b.started_at
+    assert [m.step for m in jobs.store.metrics(a.id)] == [m.step for m in jobs.store.metrics(b.id)]

@@ -1,0 +1,84 @@
+"""The CLI's contract: exit 0 on success, 2 for bad input, 1 for a failed operation; one-line errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from studio.cli import UsageError, _parse_set, load_run_config, main
+
+
+def test_set_overrides_are_typed():
+    assert _parse_set(["train.max_steps=10", "lora.target_modules=[q_proj, v_proj]", "name=x"]) == {
+        "train": {"max_steps": 10},
+        "lora": {"target_modules": ["q_proj", "v_proj"]},
+        "name": "x",
+    }
+    with pytest.raises(UsageError):
+        _parse_set(["train.max_steps"])
+
+
+def test_preset_by_name_with_overrides():
+    cfg = load_run_config("quick-demo", ["train.max_steps=3", "lora.r=4"])
+    assert cfg.train.max_steps == 3 and cfg.lora.r == 4 and cfg.data.datasets == ["studio-facts"]
+
+
+def test_bad_hyperparameters_exit_2_with_one_line(home, capsys):
+    code = main(["train", "quick-demo", "--set", "lora.r=0", "--set", "train.learning_rate=-1", "--detach"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error:")
+    assert "lora.r" in err and "train.learning_rate" in err
+    assert list((home / "runs").iterdir()) == []  # nothing half-created
+
+
+def test_unknown_run_exits_2(home, capsys):
+    assert main(["run", "nope"]) == 2
+    assert "No run 'nope'" in capsys.readouterr().err
+
+
+def test_detached_train_queues_a_run_and_runs_lists_it(home, capsys, monkeypatch):
+    monkeypatch.setenv("STUDIO_SLOTS", "0")  # queue only: no worker starts in a unit test
+    assert main(["train", "quick-demo", "--detach"]) == 0
+    capsys.readouterr()
+    assert main(["runs", "--json"]) == 0
+    (run,) = json.loads(capsys.readouterr().out)
+    assert run["status"] == "queued" and run["datasets"] == "studio-facts"
+    assert main(["abort", run["id"]]) == 0
+    assert main(["abort", run["id"]]) == 1  # already aborted: the operation fails, with a reason
+
+
+def test_datasets_add_list_show_remove(home, tmp_path, capsys):
+    src = tmp_path / "qa.jsonl"
+    src.write_text('{"question": "a?", "answer": "b"}\n{"question": "c?", "answer": "d"}\n')
+    cols = json.dumps({"instruction": "question", "output": "answer"})
+    assert main(["datasets", "add", str(src), "--name", "qa", "--format", "alpaca", "--columns", cols]) == 0
+    assert "registered 'qa': 2 rows" in capsys.readouterr().out
+    assert main(["datasets", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "qa" in listing and "studio-facts" in listing
+    assert main(["datasets", "show", "qa"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == 2
+    assert main(["datasets", "add", str(src), "--name", "qa"]) == 2  # duplicate name
+    assert main(["datasets", "remove", "qa"]) == 0
+
+
+def test_console_script_help_runs():
+    out = subprocess.run([sys.executable, "-m", "studio.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for command in ("serve", "train", "runs", "datasets", "export"):
+        assert command in out.stdout
+
+
+def test_a_preset_file_path_and_a_saved_run_config_both_load(tmp_path):
+    from studio.config import RunConfig
+
+    by_path = load_run_config(str(Path(__file__).resolve().parents[2] / "presets" / "quick-demo.yaml"))
+    assert by_path == load_run_config("quick-demo")
+    full = tmp_path / "config.yaml"
+    by_path.save(full)
+    assert load_run_config(str(full)) == by_path
+    with pytest.raises(Exception, match="does not exist"):
+        load_run_config(str(tmp_path / "missing.yaml"))
+    assert isinstance(by_path, RunConfig)

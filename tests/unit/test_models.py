@@ -1,0 +1,79 @@
+import pytest
+
+from studio.config import LoraSpec
+from studio.models import (
+    BUNDLED,
+    ModelError,
+    build_skeleton,
+    count_lora_parameters,
+    expand_targets,
+    inspect_model,
+    linear_layer_names,
+    load_config,
+    resolve_model,
+)
+
+LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def test_bundled_model_resolves_to_a_converted_folder(bundled_model_dir):
+    model = resolve_model(BUNDLED)
+    assert model.kind == "bundled" and model.is_local
+    assert (bundled_model_dir / "config.json").is_file() and (bundled_model_dir / "model.safetensors").is_file()
+    assert resolve_model("").path == model.path
+
+
+def test_bundled_skeleton_shape(bundled_model_dir):
+    info = inspect_model(BUNDLED, LoraSpec(r=16))
+    assert info["linear_layers"] == LLAMA_LINEAR  # lm_head is never offered as a target
+    assert info["parameters"] == 134_515_008  # tied embeddings counted once
+    # 30 layers: attention 576->576 (q,o), 576->192 (k,v); MLP 576<->1536.
+    per_layer = 16 * ((576 + 576) * 2 + (576 + 192) * 2 + (576 + 1536) * 3)
+    assert info["lora_parameters"].trainable == 30 * per_layer
+
+
+def test_parameter_count_matches_peft(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    for spec in (LoraSpec(r=8), LoraSpec(r=4, target_modules="q,v"), LoraSpec(r=4, use_dora=True)):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        targets = expand_targets(spec.target_modules, linear_layer_names(model))
+        peft_model = get_peft_model(
+            model, LoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules=targets, use_dora=spec.use_dora)
+        )
+        trainable, _ = peft_model.get_nb_trainable_parameters()
+        skeleton = build_skeleton(load_config(resolve_model(str(tiny_model_dir))))
+        assert count_lora_parameters(skeleton, spec).trainable == trainable
+
+
+def test_target_groups_expand():
+    assert expand_targets("attention", LLAMA_LINEAR) == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert expand_targets("q,v", LLAMA_LINEAR) == ["q_proj", "v_proj"]
+    assert expand_targets("q_proj, up_proj", LLAMA_LINEAR) == ["q_proj", "up_proj"]
+    assert expand_targets("all-linear", LLAMA_LINEAR) == LLAMA_LINEAR
+
+
+def test_missing_folder_is_named(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        resolve_model(str(tmp_path / "nope"))
+
+
+def test_folder_without_config_is_not_a_model(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ModelError, match="no config.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_hub_id_offline_fails_with_the_id_named(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = resolve_model("some-org/some-model-that-is-not-cached")
+    assert model.kind == "hub" and model.offline
+    with pytest.raises(ModelError) as err:
+        load_config(model)
+    assert "some-org/some-model-that-is-not-cached" in str(err.value) and "offline" in str(err.value)
+
+
+def test_garbage_source_is_refused():
+    with pytest.raises(ModelError, match="neither an existing folder nor a valid hub id"):
+        resolve_model("not a model!")
