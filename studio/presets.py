@@ -49,11 +49,11 @@ def preset_names(directory: Path | None = None) -> list[str]:
 
 def load_preset(name_or_path: str, directory: Path | None = None) -> RunConfig:
     """A preset by name ('quick-demo') or by path, as a full RunConfig."""
-    path = Path(name_or_path).expanduser()
-    if not path.suffix and not path.is_file():
-        path = (directory or presets_dir()) / f"{name_or_path}.yaml"
+    given = Path(name_or_path).expanduser()
+    by_name = not given.suffix and not given.is_file()
+    path = (directory or presets_dir()) / f"{name_or_path}.yaml" if by_name else given
     if not path.is_file():
-        if path.suffix:
+        if not by_name:
             raise ConfigError([f"Config file '{name_or_path}' does not exist."])
         names = ", ".join(preset_names(directory)) or "none"
         raise ConfigError([f"No preset '{name_or_path}'. Available presets: {names}."])

@@ -93,8 +93,12 @@ def test_fresh_peft_reload_and_merged_model_match(trained, tmp_path):
     result = merge_adapter(adapter, tmp_path / "merged")
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {n for n, _ in result.files}
     merged = AutoModelForCausalLM.from_pretrained(result.out_dir, dtype=torch.float32)
-    merged_logits = _logits(merged, ids)
-    assert (merged_logits - adapter_logits).abs().max() < 1e-4
+    # In fp32 the two paths (x@W + s*(x@A)@B vs x@(W + s*B@A)) round differently over 30 layers:
+    # ~2e-4 on logits of magnitude ~35. Evaluated in float64, only the merge itself is compared.
+    assert (_logits(merged, ids) - adapter_logits).abs().max() < 1e-3
+    merged_64 = _logits(merged.double(), ids)
+    adapter_64 = _logits(with_adapter.double(), ids)
+    assert (merged_64 - adapter_64).abs().max() < 1e-4
 
 
 def test_cli_exports_merged_and_adapter(trained, tmp_path):

@@ -146,7 +146,7 @@ def test_bundled_dataset_info_imports_cleanly(tmp_path):
     registry = DatasetRegistry(tmp_path / "home", bundled_dir=tmp_path / "no-bundled")
     report = import_dataset_info(registry, bundled_datasets_dir() / "dataset_info.json")
     assert (report.registered, report.skipped) == (["studio-facts", "studio-chats"], [])
-    assert [e.rows for e in registry.list()] == [30, 60]  # sorted by name: studio-chats, studio-facts
+    assert [e.rows for e in registry.list()] == [30, 72]  # sorted by name: studio-chats, studio-facts
 
 
 def test_bundled_names_are_taken_in_a_normal_registry(tmp_path):
