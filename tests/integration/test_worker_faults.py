@@ -3,6 +3,7 @@ an exception fails the run with its reason. Behaviour, not learning, is under te
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -10,7 +11,7 @@ import time
 import pytest
 
 from studio.config import RunConfig
-from studio.jobs import JobManager
+from studio.jobs import JobManager, process_alive
 from studio.store import RunStatus
 from studio.train import checkpoint_step, latest_checkpoint
 
@@ -52,10 +53,8 @@ def jobs(home):
     yield manager
     for run in manager.store.list_runs(RunStatus.RUNNING):  # never leave a worker behind
         if run.pid:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(run.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def test_sigterm_saves_a_checkpoint_and_aborts(jobs, tiny_model_dir):
@@ -80,7 +79,7 @@ def test_sigkill_is_marked_interrupted_and_resume_continues_the_curve(jobs, home
     wait_for(lambda: latest_checkpoint(jobs.run_dir(run.id)) is not None and jobs.store.get_run(run.id).step >= 12)
     pid = jobs.store.get_run(run.id).pid
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z")
+    wait_for(lambda: not process_alive(pid))
     jobs._children.clear()  # forget the child, as a restarted server would
     restarted = JobManager(home)
     killed = restarted.store.get_run(run.id)

@@ -61,7 +61,7 @@ def test_missing_folder_is_named(tmp_path):
 
 def test_folder_without_config_is_not_a_model(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"x")
-    with pytest.raises(ModelError, match="no config.json"):
+    with pytest.raises(ModelError, match=r"no config\.json"):
         resolve_model(str(tmp_path))
 
 

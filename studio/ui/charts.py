@@ -1,0 +1,101 @@
+"""Plotly figure builders for the Train and Runs tabs: pure functions from store metrics to figures.
+
+They read `Metric` rows (or plain objects with the same attributes) and never touch the store, so the
+UI timer stays cheap and the figures are testable without a browser.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import plotly.graph_objects as go
+
+from studio.store import Metric
+
+EMA_WEIGHT = 0.6  # TensorBoard's default slider value: visible trend, still responsive on short runs
+_LAYOUT = {"height": 280, "margin": {"l": 50, "r": 20, "t": 40, "b": 40}, "template": "plotly_white"}
+
+
+def ema(values: Sequence[float], weight: float = EMA_WEIGHT) -> list[float]:
+    """Exponential moving average, debiased like TensorBoard's so the first points are not pulled to 0."""
+    out: list[float] = []
+    last, norm = 0.0, 0.0
+    for value in values:
+        last = weight * last + (1 - weight) * value
+        norm = weight * norm + (1 - weight)
+        out.append(last / norm)
+    return out
+
+
+def series(metrics: Iterable[Metric], name: str) -> tuple[list[int], list[float]]:
+    """Steps and values of one metric, skipping the rows where it was not logged."""
+    steps, values = [], []
+    for m in metrics:
+        value = getattr(m, name)
+        if value is not None:
+            steps.append(m.step)
+            values.append(value)
+    return steps, values
+
+
+def empty_figure(title: str, note: str = "No data yet") -> go.Figure:
+    fig = go.Figure(layout={**_LAYOUT, "title": title})
+    fig.add_annotation(text=note, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return fig
+
+
+def _figure(title: str, ytitle: str) -> go.Figure:
+    fig = go.Figure(layout={**_LAYOUT, "title": title})
+    fig.update_xaxes(title_text="step")
+    fig.update_yaxes(title_text=ytitle)
+    return fig
+
+
+def loss_figure(metrics: Sequence[Metric], weight: float = EMA_WEIGHT) -> go.Figure:
+    """Train loss (raw, faint), its EMA, and eval loss as markers."""
+    steps, loss = series(metrics, "loss")
+    eval_steps, eval_loss = series(metrics, "eval_loss")
+    if not steps and not eval_steps:
+        return empty_figure("Loss")
+    fig = _figure("Loss", "loss")
+    fig.add_trace(go.Scatter(x=steps, y=loss, name="train loss", mode="lines", opacity=0.35))
+    fig.add_trace(go.Scatter(x=steps, y=ema(loss, weight), name="smoothed", mode="lines"))
+    fig.add_trace(go.Scatter(x=eval_steps, y=eval_loss, name="eval loss", mode="lines+markers"))
+    return fig
+
+
+def metric_figure(metrics: Sequence[Metric], name: str, title: str, ytitle: str) -> go.Figure:
+    """One metric over steps (learning rate, grad norm, tokens/s, memory)."""
+    steps, values = series(metrics, name)
+    if not steps:
+        return empty_figure(title)
+    fig = _figure(title, ytitle)
+    fig.add_trace(go.Scatter(x=steps, y=values, name=title, mode="lines+markers"))
+    return fig
+
+
+# (metric field, title, y axis) for the small charts under the loss chart, in display order.
+SMALL_CHARTS = (
+    ("learning_rate", "Learning rate", "lr"),
+    ("grad_norm", "Grad norm", "norm"),
+    ("tokens_per_s", "Tokens/s", "tokens/s"),
+    ("memory_mb", "Memory", "MB"),
+)
+
+
+def run_figures(metrics: Sequence[Metric]) -> list[go.Figure]:
+    """The Train tab's charts: loss first, then SMALL_CHARTS in order."""
+    return [loss_figure(metrics), *(metric_figure(metrics, *spec) for spec in SMALL_CHARTS)]
+
+
+def overlay_figure(curves: dict[str, Sequence[Metric]], smoothed: bool = True) -> go.Figure:
+    """One loss trace per run (smoothed by default so runs of different noise compare fairly)."""
+    if not curves:
+        return empty_figure("Loss by run", "Select runs to compare")
+    fig = _figure("Loss by run", "loss")
+    for label, metrics in curves.items():
+        steps, loss = series(metrics, "loss")
+        fig.add_trace(go.Scatter(x=steps, y=ema(loss) if smoothed else loss, name=label, mode="lines"))
+    return fig

@@ -1,0 +1,570 @@
+"""The Datasets tab: check a file (upload or server path), preview it as the model sees it, register it,
+and list / inspect / delete registered datasets.
+
+The callbacks are module-level functions of plain widget values; `build` only wires them. Those that need
+the workspace take `home` first and are bound with functools.partial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+import plotly.graph_objects as go
+
+from studio.data import (
+    FORMATS,
+    CleanOptions,
+    ColumnMap,
+    DataError,
+    DatasetRegistry,
+    Example,
+    TokenStats,
+    ValidationReport,
+    build_sample,
+    clean_examples,
+    detect_format,
+    file_columns,
+    guess_column_map,
+    histogram,
+    read_rows,
+    render_preview,
+    token_stats,
+    validate_rows,
+)
+from studio.data.formats import check_format
+from studio.models import ModelError
+from studio.ui.common import UIContext, error_message
+
+FORMAT_CHOICES = ("auto", *FORMATS)
+# Every ColumnMap field gets a dropdown (elem_id ds-col-<field>); each format shows its own.
+COLUMN_FIELDS = (
+    "instruction",
+    "input",
+    "output",
+    "system",
+    "history",
+    "messages",
+    "role_tag",
+    "content_tag",
+    "user_tag",
+    "assistant_tag",
+    "system_tag",
+    "text",
+)
+_CHAT_FIELDS = ("messages", "system", "role_tag", "content_tag", "user_tag", "assistant_tag", "system_tag")
+FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
+    "alpaca": ("instruction", "input", "output", "system", "history"),
+    "sharegpt": _CHAT_FIELDS,
+    "openai": _CHAT_FIELDS,
+    "text": ("text",),
+}
+_LABELS = {
+    "instruction": "Instruction column",
+    "input": "Input column (optional)",
+    "output": "Output (answer) column",
+    "system": "System prompt column (optional)",
+    "history": "History column (optional)",
+    "messages": "Messages column",
+    "role_tag": "Role key in a message",
+    "content_tag": "Content key in a message",
+    "user_tag": "Role value of the user",
+    "assistant_tag": "Role value of the assistant",
+    "system_tag": "Role value of the system",
+    "text": "Text column",
+}
+
+PREVIEW_ROWS = 8
+STATS_LIMIT = 5000  # examples tokenized for the statistics: about 2 s on a 2-core CPU
+MAX_SHOWN_ISSUES = 20
+TRAIN_OPEN, TRAIN_CLOSE = "⟦", "⟧"
+DEFAULT_CUTOFF = 512
+PREVIEW_COLUMNS = ["row", "text", "tokens", "trained tokens", "truncated"]
+TABLE_COLUMNS = ["name", "format", "rows", "bundled", "description"]
+
+
+# ---------------------------------------------------------------- reading
+
+
+@functools.lru_cache(maxsize=1)
+def preview_tokenizer():
+    """The bundled model's tokenizer: previews show what the default model would be trained on."""
+    from studio.models import load_tokenizer, resolve_model
+
+    return load_tokenizer(resolve_model("bundled"))
+
+
+def source_path(file: str | None, path: str | None) -> Path:
+    """The file to read: an upload wins over a typed server path."""
+    if file:
+        return Path(file)
+    if path and path.strip():
+        return Path(path.strip()).expanduser()
+    raise DataError("Choose a file to upload, or type the path of a dataset file on the server.")
+
+
+@functools.lru_cache(maxsize=2)
+def _rows_cached(path: str, mtime_ns: int, size: int) -> list[dict]:
+    return read_rows(Path(path))
+
+
+def file_rows(path: Path) -> list[dict]:
+    """read_rows, cached on (path, mtime, size): choosing a file fills the dropdowns and then checks it."""
+    try:
+        st = path.stat()
+    except OSError:
+        return read_rows(path)  # the engine says what is wrong with the path
+    return _rows_cached(str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+
+def effective_format(rows: list[dict], fmt: str | None) -> str:
+    return detect_format(rows) if not fmt or fmt == "auto" else check_format(fmt)
+
+
+def column_map(rows: list[dict], fmt: str, values: dict[str, str | None]) -> ColumnMap:
+    """The engine's guess for `fmt`, overridden by what the dropdowns say (empty = the usual name)."""
+    merged = guess_column_map(rows, fmt).to_dict()
+    usual = ColumnMap()
+    for name in FORMAT_FIELDS[fmt]:
+        value = (values.get(name) or "").strip()
+        # a value equal to the usual name adds nothing, unless it undoes a guessed override
+        if value and (value != usual.name(name, fmt) or name in merged):
+            merged[name] = value
+    return ColumnMap.from_dict(merged)
+
+
+def column_values(columns: dict[str, str | None]) -> dict[str, str | None]:
+    """The column-map dropdown values by field; other keys are ignored."""
+    return {name: columns.get(name) for name in COLUMN_FIELDS}
+
+
+# ---------------------------------------------------------------- column dropdowns
+
+
+def message_keys(rows: list[dict], messages_col: str, role_tag: str) -> tuple[list[str], list[str]]:
+    """Keys used inside the message lists, and the role values seen under `role_tag` (first 50 rows)."""
+    keys: dict[str, None] = {}
+    roles: dict[str, None] = {}
+    for row in rows[:50]:
+        value = row.get(messages_col)
+        if not isinstance(value, list):
+            continue
+        for item in value:
+            if isinstance(item, dict):
+                keys.update(dict.fromkeys(k for k, v in item.items() if v is not None))
+                if isinstance(item.get(role_tag), str):
+                    roles.setdefault(item[role_tag], None)
+    return list(keys), list(roles)
+
+
+def column_choices(rows: list[dict], fmt: str) -> dict[str, list[str]]:
+    """For each field of `fmt`, what its dropdown offers: file columns, message keys, or role values."""
+    resolved = guess_column_map(rows, fmt).resolve(fmt)
+    columns = file_columns(rows)
+    choices = {name: columns for name in FORMAT_FIELDS[fmt]}
+    if fmt in ("sharegpt", "openai"):
+        keys, roles = message_keys(rows, resolved.messages, resolved.role_tag)
+        choices.update(role_tag=keys, content_tag=keys, user_tag=roles, assistant_tag=roles, system_tag=roles)
+    return choices
+
+
+def column_updates(rows: list[dict] | None, fmt: str | None) -> list[dict]:
+    """One gr.update per COLUMN_FIELDS entry: the format's fields shown, filled with the file's own names."""
+    if rows is None or fmt is None:
+        return [gr.update(visible=False, choices=[], value="") for _ in COLUMN_FIELDS]
+    resolved = guess_column_map(rows, fmt).resolve(fmt)
+    choices = column_choices(rows, fmt)
+    updates = []
+    for name in COLUMN_FIELDS:
+        if name not in FORMAT_FIELDS[fmt]:
+            updates.append(gr.update(visible=False, value=""))
+            continue
+        options = choices[name]
+        guess = resolved.name(name, fmt)
+        updates.append(
+            gr.update(
+                visible=True,
+                choices=options,
+                value=guess if guess in options else "",
+                info=f"Empty = the usual name '{ColumnMap().name(name, fmt)}'.",
+            )
+        )
+    return updates
+
+
+def fill_columns(file: str | None, path: str | None, fmt: str = "auto") -> list[dict]:
+    """Callback when a file or a format is chosen. Errors are left to the check that follows."""
+    try:
+        rows = file_rows(source_path(file, path))
+        return column_updates(rows, effective_format(rows, fmt))
+    except DataError:
+        return column_updates(None, None)
+
+
+# ---------------------------------------------------------------- preview and statistics
+
+
+def marked_text(spans: list[tuple[str, bool]]) -> str:
+    """Decoded spans joined, trained ones wrapped in ⟦ ⟧."""
+    return "".join(f"{TRAIN_OPEN}{text}{TRAIN_CLOSE}" if trained else text for text, trained in spans)
+
+
+def preview_frame(tokenizer: Any, examples: list[Example], numbers: list[int], cutoff: int) -> pd.DataFrame:
+    rows = []
+    for number, example in zip(numbers, examples, strict=True):
+        sample = build_sample(tokenizer, example, cutoff)
+        rows.append(
+            {
+                "row": number,
+                "text": marked_text(render_preview(tokenizer, sample)),
+                "tokens": sample.full_length,
+                "trained tokens": sample.trained_tokens,
+                "truncated": "yes" if sample.truncated else "no",
+            }
+        )
+    return pd.DataFrame(rows, columns=PREVIEW_COLUMNS)
+
+
+def token_lengths(tokenizer: Any, examples: list[Example], cutoff: int) -> list[int]:
+    """Full lengths (before truncation), so the share over the cutoff can be measured."""
+    return [build_sample(tokenizer, ex, cutoff).full_length for ex in examples]
+
+
+def stats_markdown(stats: TokenStats, of_total: int | None = None) -> str:
+    sampled = f" (the first {stats.rows} of {of_total} examples)" if of_total and of_total > stats.rows else ""
+    return (
+        f"**Token lengths**{sampled}\n\n"
+        f"| examples | min | median | p95 | max | mean | longer than {stats.cutoff_len} |\n"
+        "|---|---|---|---|---|---|---|\n"
+        f"| {stats.rows} | {stats.min} | {stats.median:g} | {stats.p95} | {stats.max} | {stats.mean:.1f} "
+        f"| {stats.truncated_share:.1%} |"
+    )
+
+
+def length_histogram(lengths: list[int], cutoff: int, bins: int = 20) -> go.Figure:
+    """Bars of token lengths with the cutoff as a dashed vertical line."""
+    fig = go.Figure()
+    groups = histogram(lengths, bins=max(1, min(bins, len(set(lengths))))) if lengths else []
+    if groups:
+        fig.add_bar(
+            x=[(low + high) / 2 for low, high, _ in groups],
+            y=[count for _, _, count in groups],
+            width=[max(high - low, 1) for low, high, _ in groups],
+            customdata=[f"{low:.0f}–{high:.0f}" for low, high, _ in groups],
+            hovertemplate="%{customdata} tokens: %{y} examples<extra></extra>",
+            name="examples",
+        )
+    fig.add_vline(x=cutoff, line_dash="dash", line_color="firebrick", annotation_text=f"cutoff {cutoff}")
+    fig.update_layout(
+        xaxis_title="tokens per example",
+        yaxis_title="examples",
+        height=280,
+        margin={"l": 40, "r": 20, "t": 30, "b": 40},
+        showlegend=False,
+    )
+    return fig
+
+
+def cleaned_with_numbers(
+    examples: list[Example], numbers: list[int], opts: CleanOptions = CleanOptions()
+) -> tuple[list[Example], list[int]]:
+    """clean_examples' rules applied one example at a time, so each kept example keeps its row number."""
+    one_at_a_time = dataclasses.replace(opts, dedupe=False)  # dedupe needs the whole list: done here
+    kept, kept_numbers, seen = [], [], set()
+    for number, example in zip(numbers, examples, strict=True):
+        try:
+            (clean,), _ = clean_examples([example], one_at_a_time)
+        except DataError:  # dropped by a per-example rule
+            continue
+        if opts.dedupe and clean in seen:
+            continue
+        seen.add(clean)
+        kept.append(clean)
+        kept_numbers.append(number)
+    return kept, kept_numbers
+
+
+def issues_markdown(report: ValidationReport, limit: int = MAX_SHOWN_ISSUES) -> str:
+    """Every problem with its row number, up to `limit`; the rest counted."""
+    lines = []
+    for issue in report.issues[:limit]:
+        where = "file" if issue.row == 0 else f"row {issue.row}"
+        skipped = " (skipped)" if issue.severity == "warning" else ""
+        lines.append(f"- **{where}**{skipped}: {issue.reason}")
+    rest = len(report.issues) - limit
+    if rest > 0:
+        lines.append(f"- … and {rest} more")
+    return "\n".join(lines)
+
+
+def validation_markdown(name: str, fmt: str, detected: bool, report: ValidationReport) -> str:
+    how = "detected" if detected else "chosen"
+    head = f"`{name}`: {report.total_rows} rows read, {len(report.examples)} usable as **{fmt}** ({how})."
+    if report.fatal:
+        errors = report.errors
+        status = f"**❌ {len(errors)} problem{'s' if len(errors) != 1 else ''} to fix.** {head}"
+        hint = (
+            "\n\nFix these rows in the file, or tick *Skip invalid rows* to leave them out."
+            if any(i.row > 0 for i in errors)
+            else ""
+        )
+        return f"{status}\n\n{issues_markdown(report)}{hint}"
+    status = f"**✅ Ready to register.** {head}"
+    return status + (f"\n\n{issues_markdown(report)}" if report.issues else "")
+
+
+@dataclass
+class Checked:
+    """What a check produced, in the order of the check's outputs."""
+
+    message: str
+    preview: pd.DataFrame
+    stats: str
+    figure: go.Figure | None
+
+    def outputs(self) -> tuple:
+        return self.message, self.preview, self.stats, self.figure
+
+
+def _empty_preview() -> pd.DataFrame:
+    return pd.DataFrame(columns=PREVIEW_COLUMNS)
+
+
+def examples_view(examples: list[Example], numbers: list[int], cutoff: Any, tokenizer: Any = None) -> Checked:
+    """Preview, statistics and histogram of examples that are already validated and cleaned."""
+    cutoff = check_cutoff(cutoff)
+    tokenizer = tokenizer or preview_tokenizer()
+    measured = examples[:STATS_LIMIT]
+    lengths = token_lengths(tokenizer, measured, cutoff)
+    preview = preview_frame(tokenizer, examples[:PREVIEW_ROWS], numbers[:PREVIEW_ROWS], cutoff)
+    stats = stats_markdown(token_stats(lengths, cutoff), of_total=len(examples))
+    return Checked("", preview, stats, length_histogram(lengths, cutoff))
+
+
+def check_cutoff(cutoff: Any) -> int:
+    if cutoff is None or int(cutoff) != cutoff or cutoff < 1:
+        raise DataError(f"The cutoff length must be a whole number of tokens, at least 1 (got {cutoff!r}).")
+    return int(cutoff)
+
+
+def check_dataset(
+    file: str | None = None,
+    path: str | None = "",
+    fmt: str = "auto",
+    cutoff: float | None = DEFAULT_CUTOFF,
+    skip_invalid: bool = False,
+    **columns: str | None,
+) -> tuple:
+    """Validate and preview without registering -> (message, preview, stats, histogram)."""
+    try:
+        source = source_path(file, path)
+        rows = file_rows(source)
+        chosen = effective_format(rows, fmt)
+        cmap = column_map(rows, chosen, column_values(columns))
+        report = validate_rows(rows, chosen, cmap, skip_invalid=bool(skip_invalid))
+        message = validation_markdown(source.name, chosen, fmt in (None, "", "auto"), report)
+        if not report.examples:
+            return Checked(message, _empty_preview(), "", None).outputs()
+        examples, numbers = cleaned_with_numbers(report.examples, report.kept_rows)
+        if not examples:
+            return Checked(message + "\n\nCleaning leaves no examples.", _empty_preview(), "", None).outputs()
+        view = examples_view(examples, numbers, cutoff)
+    except (DataError, ModelError) as err:  # their text says what to do
+        return Checked(error_message(err), _empty_preview(), "", None).outputs()
+    dropped = len(report.examples) - len(examples)
+    if dropped:
+        message += f"\n\nCleaning drops {dropped} more (empty or duplicate examples)."
+    return Checked(message, view.preview, view.stats, view.figure).outputs()
+
+
+# ---------------------------------------------------------------- the registry
+
+
+def datasets_frame(home: Path) -> pd.DataFrame:
+    rows = [
+        {"name": e.name, "format": e.format, "rows": e.rows, "bundled": e.bundled, "description": e.description}
+        for e in DatasetRegistry(home).list()
+    ]
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+def list_datasets(home: Path, selected: str | None = None) -> tuple:
+    """(table, select update, message update): the registered datasets, bundled samples included."""
+    try:
+        frame = datasets_frame(home)
+    except DataError as err:
+        return pd.DataFrame(columns=TABLE_COLUMNS), gr.update(choices=[], value=None), error_message(err)
+    names = list(frame["name"])
+    value = selected if selected in names else (names[0] if names else None)
+    return frame, gr.update(choices=names, value=value), gr.update()
+
+
+def register_dataset(
+    home: Path,
+    file: str | None = None,
+    path: str | None = "",
+    fmt: str = "auto",
+    name: str = "",
+    description: str = "",
+    skip_invalid: bool = False,
+    **columns: str | None,
+) -> tuple:
+    """Register the checked file -> (message, table, select). On failure only the message changes."""
+    registry = DatasetRegistry(home)
+    name = (name or "").strip()
+    try:
+        source = source_path(file, path)
+        chosen, cmap = None, None
+        values = column_values(columns)
+        if any(values.values()):
+            rows = file_rows(source)
+            chosen = effective_format(rows, fmt)
+            cmap = column_map(rows, chosen, values)
+        elif fmt and fmt != "auto":
+            chosen = fmt
+        entry, report, clean = registry.add(
+            name, source, fmt=chosen, column_map=cmap, description=description or "", skip_invalid=bool(skip_invalid)
+        )
+    except DataError as err:
+        return error_message(err), gr.update(), gr.update()
+    message = f"**✅ Registered '{entry.name}'**: {entry.rows} examples, format **{entry.format}**. {clean.summary()}"
+    if report.warnings:
+        message += f"\n\n{len(report.warnings)} rows skipped:\n\n{issues_markdown(report)}"
+    table, select, _ = list_datasets(home, entry.name)
+    return message, table, select
+
+
+def inspect_dataset(home: Path, name: str | None, cutoff: float | None = DEFAULT_CUTOFF) -> tuple:
+    """(entry as a dict, message, preview, stats, histogram) of a registered dataset."""
+    empty = (None, _empty_preview(), "", None)
+    if not name:
+        return (None, "Choose a dataset in the list first.", *empty[1:])
+    try:
+        registry = DatasetRegistry(home)
+        entry = registry.get(name)
+        examples = registry.load_examples(name)
+        view = examples_view(examples, list(range(1, len(examples) + 1)), cutoff)
+    except (DataError, ModelError) as err:
+        return (None, error_message(err), *empty[1:])
+    where = "bundled sample" if entry.bundled else "registered dataset"
+    message = f"**{entry.name}** ({where}): {entry.rows} examples, format **{entry.format}**."
+    return entry.to_dict(), message, view.preview, view.stats, view.figure
+
+
+def delete_dataset(home: Path, name: str | None) -> tuple:
+    """(message, table, select, entry). Bundled samples are refused by the engine; nothing changes then."""
+    if not name:
+        return "Choose a dataset in the list first.", gr.update(), gr.update(), gr.update()
+    try:
+        DatasetRegistry(home).remove(name)
+    except DataError as err:
+        return error_message(err), gr.update(), gr.update(), gr.update()
+    table, select, _ = list_datasets(home)
+    return f"Deleted '{name}'.", table, select, None
+
+
+# ---------------------------------------------------------------- layout and wiring
+
+
+def build(ctx: UIContext, tab) -> None:
+    home = ctx.home
+    with gr.Row():
+        with gr.Column(scale=2):
+            upload = gr.File(
+                label="Dataset file", file_types=[".json", ".jsonl", ".csv", ".parquet"], elem_id="ds-upload"
+            )
+            path = gr.Textbox(
+                value="",
+                label="…or a path on the server",
+                placeholder="/data/my_dataset.jsonl (press Enter)",
+                elem_id="ds-path",
+            )
+            fmt = gr.Dropdown(list(FORMAT_CHOICES), value="auto", label="Format", elem_id="ds-format")
+            with gr.Accordion("Column map", open=True):
+                column_boxes = [
+                    gr.Dropdown(
+                        choices=[],
+                        value="",
+                        label=_LABELS[name],
+                        allow_custom_value=True,
+                        visible=False,
+                        elem_id=f"ds-col-{name}",
+                    )
+                    for name in COLUMN_FIELDS
+                ]
+            cutoff = gr.Number(
+                value=DEFAULT_CUTOFF, precision=0, minimum=1, label="Cutoff length (tokens)", elem_id="ds-cutoff"
+            )
+            check = gr.Button("Check", elem_id="ds-check")
+            name = gr.Textbox(value="", label="Name", placeholder="e.g. support-chats-v2", elem_id="ds-name")
+            description = gr.Textbox(value="", label="Description", elem_id="ds-description")
+            skip_invalid = gr.Checkbox(value=False, label="Skip invalid rows", elem_id="ds-skip-invalid")
+            register = gr.Button("Register", variant="primary", elem_id="ds-register")
+        with gr.Column(scale=3):
+            message = gr.Markdown(elem_id="ds-message")
+            preview = gr.Dataframe(
+                value=_empty_preview(),
+                label=f"Preview: the first rows as the model sees them ({TRAIN_OPEN}…{TRAIN_CLOSE} = trained)",
+                interactive=False,
+                wrap=True,
+                elem_id="ds-preview",
+            )
+            stats = gr.Markdown(elem_id="ds-stats")
+            hist = gr.Plot(label="Token lengths", elem_id="ds-hist")
+
+    gr.Markdown("### Registered datasets")
+    table = gr.Dataframe(
+        value=pd.DataFrame(columns=TABLE_COLUMNS), interactive=False, label="Datasets", elem_id="ds-table"
+    )
+    with gr.Row():
+        select = gr.Dropdown(choices=[], value=None, label="Dataset", elem_id="ds-select", scale=3)
+        inspect = gr.Button("Inspect", elem_id="ds-inspect", scale=1)
+        delete = gr.Button("Delete", variant="stop", elem_id="ds-delete", scale=1)
+        refresh = gr.Button("Refresh", elem_id="ds-refresh", scale=1)
+    entry = gr.JSON(label="Entry", elem_id="ds-entry")
+
+    source = [upload, path, fmt]
+    check_inputs = [*source, cutoff, skip_invalid]
+    # the column map travels as keyword arguments: API callers pass e.g. output="answer" by name
+    columns = dict(zip(COLUMN_FIELDS, column_boxes, strict=True))
+    check_outputs = [message, preview, stats, hist]
+    listed = [table, select, message]
+
+    check.click(check_dataset, check_inputs, check_outputs, api_name="check_dataset", inputs_kwargs=columns)
+    register.click(
+        functools.partial(register_dataset, home),
+        [*source, name, description, skip_invalid],
+        [message, table, select],
+        api_name="register_dataset",
+        inputs_kwargs=columns,
+    )
+    list_fn = functools.partial(list_datasets, home)
+    refresh.click(list_fn, select, listed, api_name="list_datasets")
+    tab.select(list_fn, select, listed, api_visibility="private")
+    gr.on(None, list_fn, None, listed, api_visibility="private")  # on page load (no inputs: else also on change)
+    inspect.click(
+        functools.partial(inspect_dataset, home),
+        [select, cutoff],
+        [entry, message, preview, stats, hist],
+        api_name="inspect_dataset",
+    )
+    delete.click(
+        functools.partial(delete_dataset, home), select, [message, table, select, entry], api_name="delete_dataset"
+    )
+
+    # Automatic events last: private events are named after their function too, and the first event
+    # to claim a name keeps it (check_dataset must stay the Check button's).
+    def fill_then_check(trigger):
+        trigger(fill_columns, source, column_boxes, api_visibility="private").then(
+            check_dataset, check_inputs, check_outputs, api_visibility="private", inputs_kwargs=columns
+        )
+
+    fill_then_check(upload.upload)
+    fill_then_check(path.submit)
+    fill_then_check(fmt.input)
+    upload.clear(fill_columns, source, column_boxes, api_visibility="private")

@@ -1,0 +1,832 @@
+"""The Train tab: a form that is exactly a RunConfig, a queue button, and a live view of one run.
+
+The form is derived from the config dataclasses: FORM_KEYS lists every config field as "section.field"
+(plus two UI-only helpers), widgets are built from each field's type and help text, and
+`config_from_form` / `form_from_config` convert between widget values and RunConfig. Training runs in a
+worker process started by the JobManager; this module only reads the store to show progress.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import html
+import json
+import shlex
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from gradio.context import Context
+
+from studio.config import (
+    BIAS_MODES,
+    COMPUTE_TYPES,
+    DEVICES,
+    LORA_INITS,
+    OPTIMIZERS,
+    QUANT_MODES,
+    QUANT_TYPES,
+    SCHEDULERS,
+    TARGET_GROUPS,
+    ConfigError,
+    LoraSpec,
+    RunConfig,
+)
+from studio.jobs import JobError
+from studio.store import Metric, Run, RunNotFound, RunStatus
+from studio.ui import charts
+from studio.ui.common import UIContext, error_message
+
+# -- the form as data ---------------------------------------------------------------------------
+
+
+def _config_fields() -> list[tuple[str, dataclasses.Field]]:
+    """('section.field', Field) for every leaf of RunConfig, in declaration order ('name' has no section)."""
+    out = []
+    for top in dataclasses.fields(RunConfig):
+        spec = top.default_factory if dataclasses.is_dataclass(top.default_factory) else None
+        if spec is None:
+            out.append((top.name, top))
+        else:
+            out += [(f"{top.name}.{f.name}", f) for f in dataclasses.fields(spec)]
+    return out
+
+
+CONFIG_FIELDS = dict(_config_fields())
+TARGET_GROUP = "lora.target_group"  # UI only: all-linear / attention / q,v / custom
+QLORA = "quant.qlora"  # UI only: the one-click 4-bit NF4 toggle
+CUSTOM = "custom"
+FORM_KEYS = [*CONFIG_FIELDS, TARGET_GROUP, QLORA]
+
+ELEM_IDS = {
+    "name": "run-name",
+    "model.source": "train-model",
+    "model.trust_remote_code": "model-trust-code",
+    "lora.r": "lora-r",
+    "lora.alpha": "lora-alpha",
+    "lora.dropout": "lora-dropout",
+    "lora.target_modules": "lora-targets",
+    "lora.bias": "lora-bias",
+    "lora.use_rslora": "lora-rslora",
+    "lora.use_dora": "lora-dora",
+    "lora.init": "lora-init",
+    "lora.loraplus_lr_ratio": "lora-plus-ratio",
+    "quant.mode": "quant-mode",
+    "quant.quant_type": "quant-type",
+    "quant.double_quant": "quant-double",
+    "quant.compute_dtype": "quant-compute",
+    "data.datasets": "train-dataset",
+    "data.cutoff_len": "data-cutoff",
+    "data.max_samples": "data-max-samples",
+    "data.val_size": "data-val-size",
+    "data.packing": "data-packing",
+    "data.train_on_prompt": "data-train-on-prompt",
+    "train.epochs": "train-epochs",
+    "train.max_steps": "train-max-steps",
+    "train.learning_rate": "train-lr",
+    "train.lr_scheduler": "train-scheduler",
+    "train.warmup_ratio": "train-warmup",
+    "train.batch_size": "train-batch",
+    "train.grad_accum": "train-accum",
+    "train.max_grad_norm": "train-grad-norm",
+    "train.weight_decay": "train-weight-decay",
+    "train.optimizer": "train-optimizer",
+    "train.gradient_checkpointing": "train-grad-ckpt",
+    "train.seed": "train-seed",
+    "train.logging_steps": "train-logging-steps",
+    "train.eval_steps": "train-eval-steps",
+    "train.save_steps": "train-save-steps",
+    "train.save_total_limit": "train-save-limit",
+    "train.compute_type": "compute-type",
+    "train.device": "train-device",
+    "train.num_threads": "train-threads",
+    TARGET_GROUP: "lora-target-group",
+    QLORA: "qlora",
+}
+
+CHOICES: dict[str, Sequence[str]] = {
+    "lora.bias": BIAS_MODES,
+    "lora.init": LORA_INITS,
+    "quant.mode": QUANT_MODES,
+    "quant.quant_type": QUANT_TYPES,
+    "quant.compute_dtype": COMPUTE_TYPES,
+    "train.lr_scheduler": SCHEDULERS,
+    "train.optimizer": OPTIMIZERS,
+    "train.compute_type": COMPUTE_TYPES,
+    "train.device": DEVICES,
+    TARGET_GROUP: (*TARGET_GROUPS, CUSTOM),
+}
+
+LABELS = {
+    "name": "Run name",
+    "model.source": "Model",
+    "model.trust_remote_code": "Trust remote code",
+    "data.datasets": "Datasets",
+    "lora.r": "Rank r",
+    "lora.target_modules": "Target modules",
+    "lora.use_rslora": "rsLoRA",
+    "lora.use_dora": "DoRA",
+    "lora.loraplus_lr_ratio": "LoRA+ lr ratio",
+    "quant.mode": "Quantization",
+    "quant.double_quant": "Double quantization",
+    "train.max_grad_norm": "Max grad norm",
+    "train.gradient_checkpointing": "Gradient checkpointing",
+    TARGET_GROUP: "Target group",
+    QLORA: "QLoRA (4-bit NF4 base)",
+}
+
+# Arrow-key steps for float fields; the value itself is never rounded.
+STEPS = {"train.learning_rate": 1e-5, "train.epochs": 0.5, "lora.alpha": 1.0, "lora.loraplus_lr_ratio": 1.0}
+
+# The form's sections as the user sees them (the top row holds model, preset, datasets and name).
+SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "LoRA",
+        (
+            "lora.r",
+            "lora.alpha",
+            "lora.dropout",
+            TARGET_GROUP,
+            "lora.target_modules",
+            "lora.bias",
+            "lora.init",
+            "lora.loraplus_lr_ratio",
+            "lora.use_rslora",
+            "lora.use_dora",
+        ),
+    ),
+    (
+        "Quantization and precision",
+        (
+            QLORA,
+            "quant.mode",
+            "quant.quant_type",
+            "quant.double_quant",
+            "quant.compute_dtype",
+            "train.compute_type",
+            "train.device",
+            "train.num_threads",
+        ),
+    ),
+    (
+        "Optimization",
+        (
+            "train.learning_rate",
+            "train.max_steps",
+            "train.epochs",
+            "train.lr_scheduler",
+            "train.warmup_ratio",
+            "train.batch_size",
+            "train.grad_accum",
+            "train.max_grad_norm",
+            "train.weight_decay",
+            "train.optimizer",
+            "train.gradient_checkpointing",
+            "train.seed",
+        ),
+    ),
+    (
+        "Data",
+        ("data.cutoff_len", "data.max_samples", "data.val_size", "data.packing", "data.train_on_prompt"),
+    ),
+    ("Saving and logging", ("train.logging_steps", "train.eval_steps", "train.save_steps", "train.save_total_limit")),
+)
+TOP_KEYS = ("model.source", "model.trust_remote_code", "data.datasets", "name")
+
+
+def _annotation(key: str) -> str:
+    return str(CONFIG_FIELDS[key].type) if key in CONFIG_FIELDS else ""
+
+
+def _is_number_field(key: str) -> bool:
+    kind = _annotation(key)
+    return kind.startswith(("int", "float"))
+
+
+def _zero_means_none(key: str) -> bool:
+    """Optional numbers (max_samples, LoRA+ ratio, threads) show 0 for 'off' in a number widget."""
+    return _is_number_field(key) and "None" in _annotation(key)
+
+
+# -- form <-> RunConfig -------------------------------------------------------------------------
+
+
+def _split_names(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v) for v in value]
+
+
+def config_from_form(values: Sequence[Any]) -> RunConfig:
+    """Widget values in FORM_KEYS order -> RunConfig. Bad values pass through for validate() to name."""
+    form = dict(zip(FORM_KEYS, values, strict=True))
+    nested: dict[str, Any] = {}
+    for key in CONFIG_FIELDS:
+        value = form[key]
+        if _zero_means_none(key) and value in (0, None):
+            value = None
+        elif isinstance(value, str):
+            value = value.strip()
+        section, _, name = key.rpartition(".")
+        (nested.setdefault(section, {}) if section else nested)[name] = value
+    group = form[TARGET_GROUP]
+    nested["lora"]["target_modules"] = group if group in TARGET_GROUPS else _split_names(form["lora.target_modules"])
+    nested["data"]["datasets"] = _split_names(form["data.datasets"])
+    # The QLoRA checkbox is the headline toggle: it wins over a stale quantization dropdown.
+    mode = nested["quant"]["mode"]
+    if form[QLORA] is True and mode != "4bit":
+        nested["quant"]["mode"] = "4bit"
+    elif form[QLORA] is False and mode == "4bit":
+        nested["quant"]["mode"] = "none"
+    return RunConfig.from_dict(nested)
+
+
+def target_group_of(targets: str | list[str]) -> str:
+    if isinstance(targets, str) and targets.strip().lower() in TARGET_GROUPS:
+        return targets.strip().lower()
+    return CUSTOM
+
+
+def form_from_config(cfg: RunConfig, layers: Sequence[str] | None = None) -> list[Any]:
+    """RunConfig -> widget values in FORM_KEYS order. `layers` (the model's linear layers) lets a named
+    target group show as the ticked layers it stands for."""
+    from studio.models import expand_targets
+
+    flat = {}
+    for key in CONFIG_FIELDS:
+        obj: Any = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        flat[key] = 0 if _zero_means_none(key) and obj is None else obj
+    group = target_group_of(cfg.lora.target_modules)
+    if group == CUSTOM:
+        flat["lora.target_modules"] = cfg.lora.target_list()
+    else:
+        flat["lora.target_modules"] = expand_targets(group, list(layers)) if layers else []
+    flat["data.datasets"] = list(cfg.data.datasets)
+    flat[TARGET_GROUP] = group
+    flat[QLORA] = cfg.quant.mode == "4bit"
+    return [flat[k] for k in FORM_KEYS]
+
+
+def form_value(values: Sequence[Any], key: str) -> Any:
+    return values[FORM_KEYS.index(key)]
+
+
+# -- model inspection ---------------------------------------------------------------------------
+
+
+_INSPECT_LOCK = threading.Lock()  # gradio runs events in threads; transformers' lazy imports are not thread-safe
+
+
+def _inspect(source: str, trust: bool, lora_json: str | None) -> dict:
+    with _INSPECT_LOCK:
+        return _inspect_cached(source, trust, lora_json)
+
+
+@functools.lru_cache(maxsize=32)
+def _inspect_cached(source: str, trust: bool, lora_json: str | None) -> dict:
+    from studio.models import inspect_model
+
+    lora = LoraSpec(**json.loads(lora_json)) if lora_json is not None else None
+    return inspect_model(source, lora, trust_remote_code=trust)
+
+
+def model_layers(source: str, trust_remote_code: bool = False) -> list[str]:
+    """The model's linear layer names (target-module choices); raises ModelError when it cannot be read."""
+    return list(_inspect(source or "bundled", bool(trust_remote_code), None)["linear_layers"])
+
+
+def params_text(cfg: RunConfig) -> str:
+    """Trainable-parameter count for the form's model and LoRA settings, from a weightless skeleton."""
+    from studio.models import ModelError
+
+    try:
+        lora_json = json.dumps(dataclasses.asdict(cfg.lora))
+        info = _inspect(cfg.model.source or "bundled", cfg.model.trust_remote_code, lora_json)
+    except (ModelError, ImportError, TypeError, ValueError, OSError) as err:
+        return f"**Model:** cannot inspect `{cfg.model.source}`: {err}"
+    count = info["lora_parameters"]
+    return f"**{info['name']}** ({info['model_type']}): {count.describe()}"
+
+
+def params_from_form(*values: Any) -> str:
+    try:
+        cfg = config_from_form(values)
+    except ConfigError as err:
+        return error_message(err)
+    if cfg.lora.validate():
+        return "Trainable parameters: fix the LoRA settings first."
+    return params_text(cfg)
+
+
+def group_targets(group: str, layers: Sequence[str], current: Sequence[str]) -> list[str]:
+    """The layers a picked group stands for; 'custom' keeps the user's ticks."""
+    from studio.models import expand_targets
+
+    return list(current or []) if group == CUSTOM else expand_targets(group, list(layers))
+
+
+def group_for_targets(targets: Sequence[str], layers: Sequence[str]) -> str:
+    """A hand-picked set that equals a named group is that group (so the YAML stays portable)."""
+    from studio.models import expand_targets
+
+    for group in TARGET_GROUPS:
+        expanded = expand_targets(group, list(layers))
+        if expanded and set(expanded) == set(targets or []):
+            return group
+    return CUSTOM
+
+
+# -- command box --------------------------------------------------------------------------------
+
+
+def _set_value(value: Any) -> str:
+    """A value as `--set` parses it (YAML): strings stay bare unless YAML would read them as something else
+    ('true', '1', 'null'), floats keep a dot (YAML 1.1 reads '1e-05' as text)."""
+    if isinstance(value, str) and value and _yaml_reads_back(value):
+        return value
+    if isinstance(value, float):
+        text = repr(value)
+        return text.replace("e", ".0e", 1) if "e" in text and "." not in text else text  # YAML 1.1 needs the dot
+    return json.dumps(value)
+
+
+def _yaml_reads_back(text: str) -> bool:
+    import yaml
+
+    try:
+        return yaml.safe_load(text) == text
+    except yaml.YAMLError:
+        return False
+
+
+def set_overrides(base: RunConfig, cfg: RunConfig) -> list[str]:
+    """`section.field=value` for every field where cfg differs from base."""
+    out = []
+    base_dict, cfg_dict = base.to_dict(), cfg.to_dict()
+    for key in CONFIG_FIELDS:
+        a, b = base_dict, cfg_dict
+        for part in key.split("."):
+            a, b = a[part], b[part]
+        if a != b:
+            out.append(f"{key}={_set_value(b)}")
+    return out
+
+
+def command_text(cfg: RunConfig, preset: str | None = None) -> str:
+    """The headless equivalent of this form: a `studio train` line and the exact config YAML."""
+    from studio.presets import load_preset
+
+    lines = ["# Run this form headless: save the YAML below as run.yaml, then", "studio train run.yaml", ""]
+    if preset:
+        try:
+            base = load_preset(preset)
+        except ConfigError:
+            base = None
+        if base is not None:
+            sets = [f"  --set {shlex.quote(s)}" for s in set_overrides(base, cfg)]
+            lines += ["# or, from the preset:", " \\\n".join([f"studio train {shlex.quote(preset)}", *sets]), ""]
+    return "\n".join(lines) + "\n# run.yaml\n" + cfg.to_yaml()
+
+
+def command_from_form(preset: str | None, *values: Any) -> str:
+    try:
+        return command_text(config_from_form(values), preset)
+    except ConfigError as err:
+        return "# The form cannot be turned into a config yet:\n" + "\n".join(f"# - {p}" for p in err.problems)
+
+
+# -- presets ------------------------------------------------------------------------------------
+
+
+def preset_choices(directory: Path | None = None) -> list[str]:
+    from studio.presets import preset_names
+
+    return preset_names(directory)
+
+
+def apply_preset(name: str, datasets: Sequence[str], layers: Sequence[str], directory: Path | None = None) -> list:
+    """A preset's form values; a preset without datasets keeps the datasets already chosen."""
+    from studio.presets import load_preset
+
+    cfg = load_preset(name, directory)
+    if not cfg.data.datasets:
+        cfg.data.datasets = _split_names(datasets)
+    return form_from_config(cfg, layers)
+
+
+def save_form_preset(name: str, values: Sequence[Any], directory: Path | None = None) -> str:
+    from studio.presets import save_preset
+
+    name = (name or "").strip()
+    try:
+        cfg = config_from_form(values)
+        problems = cfg.lora.validate() + cfg.quant.validate() + cfg.train.validate()
+        if problems:
+            raise ConfigError(problems)
+        path = save_preset(cfg, name, directory=directory)
+    except ConfigError as err:
+        return error_message(err)
+    return f"Saved preset **{name}** ({path.name}). Pick it from the preset list to load it again."
+
+
+# -- starting and controlling runs --------------------------------------------------------------
+
+
+def start_training(ctx: UIContext, values: Sequence[Any]) -> tuple[str, str | None]:
+    """Validate the form and queue it; every problem is listed at once and nothing starts if any."""
+    try:
+        cfg = config_from_form(values)
+        run = ctx.jobs.submit(cfg)
+    except ConfigError as err:
+        return error_message(err), None
+    except (JobError, OSError) as err:
+        return error_message(err), None
+    return f"Run `{run.id}` is **{run.status.value}**.", run.id
+
+
+def start_preset_run(
+    ctx: UIContext, preset: str, datasets: str | list[str] | None, max_steps: int | None, run_name: str | None
+) -> tuple[str, str | None]:
+    """For API callers: a preset, dataset names and a few fields are enough to start a run."""
+    from studio.presets import load_preset
+
+    try:
+        cfg = load_preset(preset or "quick-demo")
+    except ConfigError as err:
+        return error_message(err), None
+    if _split_names(datasets):
+        cfg.data.datasets = _split_names(datasets)
+    if max_steps:
+        cfg.train.max_steps = int(max_steps)
+    if run_name and run_name.strip():
+        cfg.name = run_name.strip()
+    return start_training(ctx, form_from_config(cfg))
+
+
+def abort_run(ctx: UIContext, run_id: str | None) -> str:
+    if not run_id:
+        return "No run selected."
+    try:
+        run = ctx.jobs.abort(run_id)
+    except (JobError, RunNotFound) as err:
+        return error_message(err)
+    if run.status == RunStatus.RUNNING:
+        return f"Abort requested for `{run.id}`: it saves a checkpoint, then stops."
+    return f"Run `{run.id}` is {run.status.value}."
+
+
+def resume_run(ctx: UIContext, run_id: str | None) -> str:
+    if not run_id:
+        return "No run selected."
+    try:
+        run = ctx.jobs.resume(run_id)
+    except (JobError, RunNotFound) as err:
+        return error_message(err)
+    start = Path(run.resume_from).name if run.resume_from else "the start"
+    return f"Run `{run.id}` is {run.status.value}, resuming from {start}."
+
+
+def run_status(ctx: UIContext, run_id: str | None) -> dict:
+    """A JSON-able summary for API callers."""
+    try:
+        run = ctx.jobs.store.get_run(run_id or "")
+    except RunNotFound as err:
+        return {"id": run_id, "status": "unknown", "error": str(err)}
+    keys = ("id", "name", "status", "step", "total_steps", "final_loss", "error", "adapter_dir", "duration_s")
+    return {k: run.to_dict()[k] for k in keys}
+
+
+# -- watching a run -----------------------------------------------------------------------------
+
+
+def run_choices(runs: Sequence[Run]) -> list[tuple[str, str]]:
+    return [(f"{r.id} ({r.status.value})", r.id) for r in runs]
+
+
+def default_run(runs: Sequence[Run]) -> str | None:
+    """The newest running or queued run (so a reload re-attaches), else the newest run."""
+    active = [r for r in runs if r.status in (RunStatus.RUNNING, RunStatus.QUEUED)]
+    pick = active or list(runs)
+    return max(pick, key=lambda r: r.created_at).id if pick else None
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = max(0, round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _resume_step(run: Run) -> int:
+    from studio.train import checkpoint_step
+
+    try:
+        return checkpoint_step(Path(run.resume_from)) if run.resume_from else 0
+    except ValueError:
+        return 0
+
+
+def step_rate(run: Run, metrics: Sequence[Metric], now: float) -> float | None:
+    """Steps per second in this session: from logged points once they span a few seconds (model loading
+    excluded), else from the elapsed time since the worker started."""
+    if run.started_at is None:
+        return None
+    points = [m for m in metrics if m.time >= run.started_at]
+    if len(points) >= 2 and points[-1].time - points[0].time >= 5 and points[-1].step > points[0].step:
+        return (points[-1].step - points[0].step) / (points[-1].time - points[0].time)
+    done = run.step - _resume_step(run)
+    elapsed = now - run.started_at
+    return done / elapsed if done > 0 and elapsed > 0 else None
+
+
+def eta_seconds(run: Run, metrics: Sequence[Metric], now: float) -> float | None:
+    if run.status != RunStatus.RUNNING or not run.total_steps:
+        return None
+    rate = step_rate(run, metrics, now)
+    return max(0, run.total_steps - run.step) / rate if rate else None
+
+
+def progress_html(step: int, total: int) -> str:
+    pct = 100.0 * step / total if total else 0.0
+    pct = min(100.0, max(0.0, pct))
+    label = f"step {step}/{total} ({pct:.0f}%)" if total else f"step {step}"
+    return (
+        f'<div class="studio-progress" role="progressbar" aria-valuenow="{step}" aria-valuemin="0" '
+        f'aria-valuemax="{total}"><div class="track" style="background:#e5e7eb;border-radius:6px;height:12px">'
+        f'<div class="bar" style="width:{pct:.1f}%;background:#f97316;border-radius:6px;height:12px"></div></div>'
+        f'<div class="studio-progress-label">{html.escape(label)}</div></div>'
+    )
+
+
+def status_markdown(run: Run, metrics: Sequence[Metric], log: str, now: float, queue_pos: int = 0) -> str:
+    """What the user needs to know about a run, and for a stopped run what to do next."""
+    head = f"**{run.status.value}** · `{run.id}`"
+    loss = f" · loss {run.final_loss:.4f}" if run.final_loss is not None else ""
+    steps = f" · step {run.step}/{run.total_steps}" if run.total_steps else f" · step {run.step}"
+    if run.status == RunStatus.QUEUED:
+        return f"{head} · waiting for a free training slot ({queue_pos} run(s) ahead)."
+    if run.status == RunStatus.RUNNING:
+        elapsed = format_duration(run.duration_s if run.started_at else None)
+        eta = format_duration(eta_seconds(run, metrics, now))
+        if not run.total_steps:
+            return f"{head} · loading the model and data · elapsed {elapsed}"
+        return f"{head}{steps} · elapsed {elapsed} · ETA {eta}{loss}"
+    took = format_duration(run.duration_s)
+    if run.status == RunStatus.COMPLETED:
+        return f"{head} in {took}{steps}{loss}\n\nAdapter: `{run.adapter_dir or '-'}`"
+    text = f"{head} after {took}{steps}{loss}\n\n**What happened:** {run.error or 'no reason was recorded.'}"
+    if run.status == RunStatus.FAILED and log.strip():
+        tail = "\n".join(log.splitlines()[-12:])
+        text += f"\n\n**Last log lines:**\n```\n{tail}\n```"
+    return text + "\n\nPress **Resume** to continue from the newest checkpoint, or change the form and Start again."
+
+
+@dataclass
+class WatchView:
+    """One timer tick's output; figures and log are None when nothing new was logged (left as they are)."""
+
+    status: str
+    progress: str
+    figures: list | None
+    log: str | None
+    signature: str
+
+
+def watch(ctx: UIContext, run_id: str | None, last_signature: str | None = None, now: float | None = None) -> WatchView:
+    """Read the store for one run: cheap (no model loads), and figures rebuilt only on new points."""
+    now = time.time() if now is None else now
+    if not run_id:
+        empty = [charts.empty_figure(t) for t in ("Loss", *(s[1] for s in charts.SMALL_CHARTS))]
+        return WatchView("No run selected. Start one, or pick a run above.", progress_html(0, 0), empty, "", "")
+    store = ctx.jobs.store
+    try:
+        run = store.get_run(run_id)
+        if run.status == RunStatus.RUNNING:
+            ctx.jobs.reconcile()  # a dead worker shows as interrupted instead of running forever
+            run = store.get_run(run_id)
+    except RunNotFound as err:
+        return WatchView(f"**Error:** {err}", progress_html(0, 0), None, "", "")
+    metrics = store.metrics(run_id)
+    log = ctx.jobs.log_tail(run_id, 60)
+    last = metrics[-1] if metrics else None
+    signature = json.dumps([run_id, run.status.value, run.step, len(metrics), last and last.step, len(log)])
+    fresh = signature != last_signature
+    ahead = [r.id for r in store.queued_runs()].index(run_id) if run.status == RunStatus.QUEUED else 0
+    return WatchView(
+        status=status_markdown(run, metrics, log, now, ahead),
+        progress=progress_html(run.step, run.total_steps),
+        figures=charts.run_figures(metrics) if fresh else None,
+        log=log if fresh else None,
+        signature=signature,
+    )
+
+
+# -- building the tab ---------------------------------------------------------------------------
+
+
+def _widget(key: str, value: Any) -> gr.components.Component:
+    elem_id = ELEM_IDS[key]
+    field = CONFIG_FIELDS.get(key)
+    info = field.metadata.get("help") if field is not None else None
+    label = LABELS.get(key) or key.rpartition(".")[2].replace("_", " ").capitalize()
+    kind = _annotation(key)
+    if key in CHOICES:
+        return gr.Dropdown(list(CHOICES[key]), value=value, label=label, info=info, elem_id=elem_id)
+    if key == QLORA or kind == "bool":
+        return gr.Checkbox(value=value, label=label, info=info, elem_id=elem_id)
+    if _is_number_field(key):
+        if _zero_means_none(key):
+            info = f"{info} (0 = off)"
+        if kind.startswith("int"):
+            return gr.Number(value=value, label=label, info=info, precision=0, step=1, elem_id=elem_id)
+        return gr.Number(value=value, label=label, info=info, step=STEPS.get(key, 0.01), elem_id=elem_id)
+    return gr.Textbox(value=value, label=label, info=info, elem_id=elem_id)
+
+
+def _special_widget(key: str, value: Any, ctx: UIContext) -> gr.components.Component:
+    field = CONFIG_FIELDS[key]
+    info, label, elem_id = field.metadata.get("help"), LABELS[key], ELEM_IDS[key]
+    if key == "model.source":
+        return gr.Dropdown(
+            ["bundled"], value=value, label=label, info=info, allow_custom_value=True, elem_id=elem_id, scale=2
+        )
+    if key == "data.datasets":
+        choices = sorted(set(_dataset_names(ctx)) | set(value))
+        return gr.Dropdown(choices, value=value, multiselect=True, label=label, info=info, elem_id=elem_id, scale=2)
+    # Target modules: a multiselect that accepts any name, so a model's own layer names always fit.
+    return gr.Dropdown(
+        value, value=value, multiselect=True, allow_custom_value=True, label=label, info=info, elem_id=elem_id
+    )
+
+
+def _dataset_names(ctx: UIContext) -> list[str]:
+    from studio.data import DataError
+
+    try:
+        return [e.name for e in ctx.registry().list()]
+    except (DataError, OSError):
+        return []
+
+
+def _initial_config() -> tuple[RunConfig, str | None]:
+    from studio.presets import load_preset
+
+    names = preset_choices()
+    name = "quick-demo" if "quick-demo" in names else None
+    return (load_preset(name) if name else RunConfig()), name
+
+
+def _skip_none(*values: Any) -> tuple:
+    return tuple(gr.skip() if v is None else v for v in values)
+
+
+def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:
+    cfg, preset_name = _initial_config()
+    initial = dict(zip(FORM_KEYS, form_from_config(cfg), strict=True))
+    w: dict[str, gr.components.Component] = {}
+    layers = gr.State([])
+
+    with gr.Row():
+        w["model.source"] = _special_widget("model.source", initial["model.source"], ctx)
+        preset = gr.Dropdown(preset_choices(), value=preset_name, label="Preset", elem_id="train-preset", scale=1)
+        w["data.datasets"] = _special_widget("data.datasets", initial["data.datasets"], ctx)
+        w["name"] = _widget("name", initial["name"])
+    with gr.Row():
+        w["model.trust_remote_code"] = _widget("model.trust_remote_code", initial["model.trust_remote_code"])
+        params = gr.Markdown("Trainable parameters: reading the model...", elem_id="train-params")
+    for title, keys in SECTIONS:
+        with gr.Accordion(title, open=True), gr.Row(equal_height=False):
+            for key in keys:
+                if key == "lora.target_modules":
+                    w[key] = _special_widget(key, initial[key], ctx)
+                else:
+                    w[key] = _widget(key, initial[key])
+    form = [w[k] for k in FORM_KEYS]
+
+    with gr.Accordion("CLI command and YAML", open=True):
+        command = gr.Code(command_text(cfg, preset_name), language="yaml", elem_id="train-command")
+    with gr.Row():
+        preset_save_name = gr.Textbox(label="Save the form as preset", elem_id="preset-save-name", scale=3)
+        preset_save = gr.Button("Save preset", elem_id="preset-save", scale=1)
+    with gr.Row():
+        start = gr.Button("Start", variant="primary", elem_id="train-start")
+        abort = gr.Button("Abort", variant="stop", elem_id="train-abort")
+        resume = gr.Button("Resume", elem_id="train-resume")
+    message = gr.Markdown(elem_id="train-message")
+
+    run = gr.Dropdown([], value=None, label="Watching run", allow_custom_value=True, elem_id="train-run")
+    status = gr.Markdown(elem_id="train-status")
+    progress = gr.HTML(progress_html(0, 0), elem_id="train-progress")
+    plot_ids = ("loss-plot", "lr-plot", "gradnorm-plot", "speed-plot", "memory-plot")
+    with gr.Row():
+        plots = [gr.Plot(label=i.split("-")[0], elem_id=i) for i in plot_ids[:1]]
+    with gr.Row():
+        plots += [gr.Plot(label=i.split("-")[0], elem_id=i) for i in plot_ids[1:]]
+    log = gr.Textbox(label="Log", lines=12, max_lines=12, autoscroll=True, elem_id="train-log")
+    signature = gr.State("")
+
+    # -- model, targets and parameter count --
+    def refresh_model(source, trust, group, targets):
+        from studio.models import ModelError
+
+        try:
+            names = model_layers(source, trust)
+        except (ModelError, ImportError, OSError, ValueError) as err:
+            gr.Warning(str(err))
+            return [], gr.update()
+        return names, gr.update(choices=names, value=group_targets(group, names, targets))
+
+    model_inputs = [w["model.source"], w["model.trust_remote_code"], w[TARGET_GROUP], w["lora.target_modules"]]
+    w["model.source"].change(refresh_model, model_inputs, [layers, w["lora.target_modules"]], api_name=False)
+    targets = w["lora.target_modules"]
+    w[TARGET_GROUP].input(group_targets, [w[TARGET_GROUP], layers, targets], targets, api_name=False)
+    targets.input(group_for_targets, [targets, layers], w[TARGET_GROUP], api_name=False)
+    param_keys = ("model.source", "lora.r", "lora.use_dora", "lora.bias", TARGET_GROUP, "lora.target_modules")
+    gr.on([w[k].change for k in param_keys], params_from_form, form, params, trigger_mode="always_last", api_name=False)
+    gr.on([*(c.change for c in form), preset.change], command_from_form, [preset, *form], command,
+          trigger_mode="always_last", api_name=False)  # fmt: skip
+
+    # -- QLoRA toggle and quantization dropdown stay in step --
+    def qlora_toggle(on):
+        return ("4bit", "nf4", True) if on else ("none", gr.skip(), gr.skip())
+
+    quant_outs = [w["quant.mode"], w["quant.quant_type"], w["quant.double_quant"]]
+    w[QLORA].input(qlora_toggle, w[QLORA], quant_outs, api_name=False)
+    w["quant.mode"].change(lambda mode: mode == "4bit", w["quant.mode"], w[QLORA], api_name=False)
+
+    # -- presets --
+    def on_preset(name, datasets, names):
+        try:
+            return [*apply_preset(name, datasets, names), ""]
+        except ConfigError as err:
+            return [*(gr.skip() for _ in form), error_message(err)]
+
+    preset.input(on_preset, [preset, w["data.datasets"], layers], [*form, message], api_name=False)
+
+    def on_save(name, *values):
+        text = save_form_preset(name, values)
+        return text, gr.update(choices=preset_choices())
+
+    preset_save.click(on_save, [preset_save_name, *form], [message, preset], api_name="save_preset")
+
+    # -- runs --
+    def on_start(*values):
+        text, run_id = start_training(ctx, values)
+        return text, gr.skip() if run_id is None else run_id
+
+    def refresh_runs(current):
+        runs = ctx.jobs.store.list_runs()
+        return gr.update(choices=run_choices(runs), value=current or default_run(runs))
+
+    start.click(on_start, form, [message, run], api_name="start_training").then(refresh_runs, run, run, api_name=False)
+    abort.click(lambda run_id: abort_run(ctx, run_id), run, message, api_name="abort_run")
+    resume.click(lambda run_id: resume_run(ctx, run_id), run, message, api_name="resume_run").then(
+        refresh_runs, run, run, api_name=False
+    )
+
+    def api_run_status(run_id: str) -> dict:
+        return run_status(ctx, run_id)
+
+    def api_start_preset_run(preset: str, datasets: str, max_steps: int = 0, run_name: str = "") -> tuple[str, str]:
+        text, run_id = start_preset_run(ctx, preset, datasets, max_steps, run_name)
+        return text, run_id or ""
+
+    gr.api(api_run_status, api_name="run_status")
+    gr.api(api_start_preset_run, api_name="start_preset_run")
+
+    def tick(run_id, last):
+        view = watch(ctx, run_id, last)
+        figures = view.figures or [None] * len(plots)
+        return view.status, view.progress, *_skip_none(*figures, view.log), view.signature
+
+    timer = gr.Timer(1.0)
+    watch_outputs = [status, progress, *plots, log, signature]
+    timer.tick(tick, [run, signature], watch_outputs, api_name=False, show_progress="hidden")
+    # A new run to watch draws everything afresh, at once.
+    run.change(lambda run_id: tick(run_id, None), run, watch_outputs, api_name=False, show_progress="hidden")
+
+    def on_load(run_id, current, source, trust, group, targets):
+        names, targets_update = refresh_model(source, trust, group, targets)
+        datasets = gr.update(choices=sorted(set(_dataset_names(ctx)) | set(current or [])))
+        return names, targets_update, datasets, refresh_runs(run_id)
+
+    load_inputs = [run, w["data.datasets"], *model_inputs]
+    load_outputs = [layers, w["lora.target_modules"], w["data.datasets"], run]
+    # Page load (and so every reload) re-attaches to the newest active run and reads the model's layers.
+    Context.root_block.load(on_load, load_inputs, load_outputs, api_name=False).then(
+        params_from_form, form, params, api_name=False
+    )
+    if tab is not None:
+        # New datasets registered in the Datasets tab and runs started from the CLI appear on selection.
+        tab.select(on_load, load_inputs, load_outputs, api_name=False)

@@ -1,0 +1,262 @@
+"""The Train tab's callbacks and chart builders, without a browser, against a temporary workspace."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from studio.cli import load_run_config
+from studio.config import RunConfig
+from studio.jobs import LOG_FILE, process_start_token
+from studio.models import inspect_model
+from studio.presets import list_presets, load_preset
+from studio.store import Metric, RunStatus
+from studio.ui import charts
+from studio.ui import train as T
+from studio.ui.common import UIContext
+
+LLAMA_LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture
+def ctx(home, monkeypatch) -> UIContext:
+    monkeypatch.setenv("STUDIO_SLOTS", "0")  # submit queues, no worker starts
+    return UIContext(home)
+
+
+def with_values(values: list, **changes) -> list:
+    out = list(values)
+    for key, value in changes.items():
+        out[T.FORM_KEYS.index(key.replace("__", "."))] = value
+    return out
+
+
+def start_queued(ctx: UIContext, name: str = "t") -> str:
+    form = T.form_from_config(load_preset("quick-demo"))
+    _, run_id = T.start_training(ctx, with_values(form, name=name))
+    assert run_id
+    return run_id
+
+
+def mark_running(ctx: UIContext, run_id: str, started_ago: float, step: int, total: int) -> None:
+    """Running 'in' this test process, so reconcile sees a live worker."""
+    pid = os.getpid()
+    store = ctx.jobs.store
+    store.transition(
+        run_id, RunStatus.RUNNING, pid=pid, pid_started=process_start_token(pid), started_at=time.time() - started_ago
+    )
+    store.update_run(run_id, step=step, total_steps=total)
+
+
+# -- form <-> config ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", [p.name for p in list_presets()])
+def test_form_round_trip_for_every_preset(preset):
+    cfg = load_preset(preset)
+    for layers in (None, LLAMA_LAYERS):
+        form = T.form_from_config(cfg, layers)
+        assert len(form) == len(T.FORM_KEYS)
+        assert T.config_from_form(form) == cfg
+        assert T.form_from_config(T.config_from_form(form), layers) == form
+
+
+def test_every_config_field_has_one_widget_with_an_elem_id():
+    placed = [k for _, keys in T.SECTIONS for k in keys] + list(T.TOP_KEYS)
+    assert sorted(placed) == sorted(T.FORM_KEYS)
+    ids = [T.ELEM_IDS[k] for k in T.FORM_KEYS]
+    assert len(set(ids)) == len(ids)
+    assert {"lora-r", "qlora", "lora-target-group", "train-lr", "data-cutoff", "run-name"} <= set(ids)
+
+
+def test_custom_targets_optional_numbers_and_dataset_string():
+    form = T.form_from_config(RunConfig())
+    form = with_values(
+        form,
+        lora__target_group="custom",
+        lora__target_modules=["q_proj", "v_proj"],
+        data__max_samples=0,
+        lora__loraplus_lr_ratio=16,
+        data__datasets="a, b",
+    )
+    cfg = T.config_from_form(form)
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.data.max_samples is None  # 0 in a number widget means "off"
+    assert cfg.lora.loraplus_lr_ratio == 16.0
+    assert cfg.data.datasets == ["a", "b"]
+
+
+def test_qlora_checkbox_wins_over_a_stale_quant_dropdown():
+    form = T.form_from_config(RunConfig())
+    assert T.config_from_form(with_values(form, quant__qlora=True)).quant.mode == "4bit"
+    assert T.config_from_form(with_values(form, quant__qlora=False, quant__mode="4bit")).quant.mode == "none"
+    assert T.config_from_form(with_values(form, quant__qlora=False, quant__mode="8bit")).quant.mode == "8bit"
+    assert T.form_from_config(load_preset("qlora-consumer-gpu"))[T.FORM_KEYS.index(T.QLORA)] is True
+
+
+def test_bad_values_give_one_message_listing_each(ctx):
+    form = T.form_from_config(load_preset("quick-demo"))
+    bad = with_values(form, lora__r=0, train__learning_rate=-1e-4, lora__dropout=1.5, train__batch_size=0)
+    message, run_id = T.start_training(ctx, bad)
+    assert run_id is None
+    assert message.startswith("**Please fix:**")
+    for field in ("lora.r", "train.learning_rate", "lora.dropout", "train.batch_size"):
+        assert field in message
+    assert message.count("\n- ") == 4
+    assert ctx.jobs.store.list_runs() == []
+
+
+def test_start_queues_a_run_in_the_store(ctx):
+    form = with_values(T.form_from_config(load_preset("quick-demo")), name="ui start")
+    message, run_id = T.start_training(ctx, form)
+    run = ctx.jobs.store.get_run(run_id)
+    assert run.status == RunStatus.QUEUED and run_id in message
+    assert RunConfig.from_dict(run.config) == T.config_from_form(form)
+
+
+def test_start_preset_run_for_api_callers(ctx):
+    message, run_id = T.start_preset_run(ctx, "quick-demo", "studio-facts", 3, "api run")
+    run = ctx.jobs.store.get_run(run_id)
+    assert run.name == "api run" and run.config["train"]["max_steps"] == 3
+    assert run.config["data"]["datasets"] == ["studio-facts"]
+    message, run_id = T.start_preset_run(ctx, "quick-demo", "no-such-data", 3, "")
+    assert run_id is None and "no-such-data" in message
+    status = T.run_status(ctx, run.id)
+    assert status["status"] == "queued" and status["total_steps"] == 0 and status["error"] is None
+
+
+# -- model inspection ---------------------------------------------------------------------------
+
+
+def test_target_choices_for_the_bundled_model(bundled_model_dir):
+    assert T.model_layers("bundled") == LLAMA_LAYERS
+
+
+def test_group_targets_and_back():
+    assert T.group_targets("q,v", LLAMA_LAYERS, []) == ["q_proj", "v_proj"]
+    assert T.group_targets("attention", LLAMA_LAYERS, []) == LLAMA_LAYERS[:4]
+    assert T.group_targets("custom", LLAMA_LAYERS, ["k_proj"]) == ["k_proj"]
+    assert T.group_for_targets(["v_proj", "q_proj"], LLAMA_LAYERS) == "q,v"
+    assert T.group_for_targets(LLAMA_LAYERS, LLAMA_LAYERS) == "all-linear"
+    assert T.group_for_targets(["k_proj"], LLAMA_LAYERS) == "custom"
+
+
+def test_parameter_count_matches_inspect_model(tiny_model_dir):
+    cfg = RunConfig()
+    cfg.model.source = str(tiny_model_dir)
+    cfg.lora.r, cfg.lora.target_modules = 8, "q,v"
+    expected = inspect_model(str(tiny_model_dir), cfg.lora)["lora_parameters"].describe()
+    assert expected in T.params_text(cfg)
+    form = T.form_from_config(cfg)
+    assert expected in T.params_from_form(*form)
+    assert "cannot inspect" in T.params_text(RunConfig(model=type(cfg.model)(source="/no/such/folder")))
+
+
+# -- command box and presets --------------------------------------------------------------------
+
+
+def test_command_reproduces_the_form():
+    cfg = load_preset("quick-demo")
+    cfg.name, cfg.train.learning_rate, cfg.lora.target_modules = "true", 1e-05, ["q_proj", "v_proj"]
+    text = T.command_text(cfg, "lora-balanced")
+    assert text.endswith(cfg.to_yaml())
+    assert RunConfig.from_yaml(text.split("# run.yaml\n", 1)[1]) == cfg
+    sets = T.set_overrides(load_preset("lora-balanced"), cfg)
+    assert "train.learning_rate=1.0e-05" in sets and 'name="true"' in sets
+    assert load_run_config("lora-balanced", sets) == cfg
+
+
+def test_save_and_load_a_preset(tmp_path):
+    cfg = load_preset("quick-demo")
+    cfg.lora.r = 8
+    form = T.form_from_config(cfg, LLAMA_LAYERS)
+    assert "Saved preset" in T.save_form_preset("my-preset", form, tmp_path)
+    assert T.preset_choices(tmp_path) == ["my-preset"]
+    assert T.apply_preset("my-preset", [], LLAMA_LAYERS, tmp_path) == form
+    assert "not allowed" in T.save_form_preset("bad name!", form, tmp_path)
+
+
+def test_a_preset_without_datasets_keeps_the_chosen_ones():
+    form = T.apply_preset("lora-balanced", ["mine"], LLAMA_LAYERS)
+    assert T.form_value(form, "data.datasets") == ["mine"]
+
+
+# -- watching a run -----------------------------------------------------------------------------
+
+
+def test_status_of_a_running_run_with_progress_and_eta(ctx):
+    run_id = start_queued(ctx)
+    mark_running(ctx, run_id, started_ago=100, step=20, total=40)
+    for step in (10, 20):
+        ctx.jobs.store.log_metrics(run_id, step, loss=2.0 / step, learning_rate=1e-4, tokens_per_s=200.0)
+    view = T.watch(ctx, run_id)
+    assert "**running**" in view.status and "step 20/40" in view.status
+    assert "ETA 1:40" in view.status  # 20 steps in 100 s: 20 more take 100 s
+    assert "loss 0.1000" in view.status
+    assert 'aria-valuenow="20"' in view.progress and "step 20/40 (50%)" in view.progress
+    assert [f.layout.title.text for f in view.figures] == ["Loss", "Learning rate", "Grad norm", "Tokens/s", "Memory"]
+    again = T.watch(ctx, run_id, view.signature)
+    assert again.figures is None and again.log is None  # nothing new: the timer leaves plots alone
+
+
+def test_eta_uses_the_logged_step_rate_once_it_spans_a_few_seconds(ctx):
+    run_id = start_queued(ctx)
+    mark_running(ctx, run_id, started_ago=1000, step=30, total=50)
+    run = ctx.jobs.store.get_run(run_id)
+    t0 = run.started_at + 900  # model loading took long; the rate comes from the points
+    metrics = [Metric(step=10, time=t0), Metric(step=30, time=t0 + 10)]
+    assert T.step_rate(run, metrics, t0 + 10) == pytest.approx(2.0)
+    assert T.eta_seconds(run, metrics, t0 + 10) == pytest.approx(10.0)
+
+
+def test_failed_run_shows_its_error_and_last_log_lines(ctx):
+    run_id = start_queued(ctx)
+    mark_running(ctx, run_id, started_ago=5, step=3, total=40)
+    log = "\n".join(f"line {i}" for i in range(30)) + "\nRuntimeError: boom"
+    (ctx.jobs.run_dir(run_id) / LOG_FILE).write_text(log)
+    ctx.jobs.store.transition(run_id, RunStatus.FAILED, error="Out of memory. Lower train.batch_size.")
+    view = T.watch(ctx, run_id)
+    assert "**failed**" in view.status and "Out of memory. Lower train.batch_size." in view.status
+    assert "RuntimeError: boom" in view.status and "line 0\n" not in view.status
+    assert "Resume" in view.status
+    assert view.log.endswith("RuntimeError: boom")
+
+
+def test_queued_status_abort_resume_and_default_run(ctx):
+    first, second = start_queued(ctx, "a"), start_queued(ctx, "b")
+    assert "1 run(s) ahead" in T.watch(ctx, second).status
+    runs = ctx.jobs.store.list_runs()
+    assert T.default_run(runs) == second
+    assert "aborted" in T.abort_run(ctx, first)
+    assert T.default_run(ctx.jobs.store.list_runs()) == second  # the active run wins over a newer stopped one
+    assert "queued" in T.resume_run(ctx, first)
+    assert "only interrupted" in T.resume_run(ctx, second)
+    assert "No run" in T.watch(ctx, "missing").status
+
+
+def test_format_duration_and_progress_without_total():
+    assert T.format_duration(59.6) == "1:00" and T.format_duration(3725) == "1:02:05"
+    assert T.format_duration(None) == "-"
+    assert "step 0" in T.progress_html(0, 0)
+
+
+# -- charts -------------------------------------------------------------------------------------
+
+
+def test_ema_is_debiased():
+    assert charts.ema([1.0, 2.0, 3.0], weight=0.5) == pytest.approx([1.0, 5 / 3, 2.125 / 0.875])
+    assert charts.ema([4.0, 4.0, 4.0]) == pytest.approx([4.0, 4.0, 4.0])
+    assert charts.ema([]) == []
+
+
+def test_loss_figure_has_train_smoothed_and_eval_traces():
+    metrics = [Metric(step=s, time=0.0, loss=float(10 - s)) for s in range(1, 6)]
+    metrics[-1].eval_loss = 6.5
+    fig = charts.loss_figure(metrics)
+    assert [t.name for t in fig.data] == ["train loss", "smoothed", "eval loss"]
+    assert list(fig.data[1].y) == pytest.approx(charts.ema([9.0, 8.0, 7.0, 6.0, 5.0]))
+    assert list(fig.data[2].x) == [5] and list(fig.data[2].y) == [6.5]
+    assert charts.loss_figure([]).data == ()
+    assert len(charts.run_figures(metrics)) == 5
