@@ -7,7 +7,7 @@ with the adapters disabled. The UI runs this in a process of its own so that Unl
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +45,14 @@ class GenerationSettings:
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kwargs
+
+
+def final_text(partials: Iterable[str]) -> str:
+    """The whole reply from a stream of growing partial texts."""
+    final = ""
+    for partial in partials:
+        final = partial
+    return final.strip()
 
 
 @dataclass
@@ -166,10 +174,7 @@ class ChatSession:
     def reply(
         self, messages: list[dict[str, str]], settings: GenerationSettings | None = None, adapter: str | None = None
     ) -> str:
-        final = ""
-        for partial in self.stream(messages, settings, adapter):
-            final = partial
-        return final.strip()
+        return final_text(self.stream(messages, settings, adapter))
 
     def compare(
         self, messages: list[dict[str, str]], adapter: str, settings: GenerationSettings | None = None

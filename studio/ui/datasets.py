@@ -314,7 +314,7 @@ def validation_markdown(name: str, fmt: str, detected: bool, report: ValidationR
             else ""
         )
         return f"{status}\n\n{issues_markdown(report)}{hint}"
-    status = f"**✅ Ready to register.** {head}"
+    status = f"**Ready to register.** {head}"
     return status + (f"\n\n{issues_markdown(report)}" if report.issues else "")
 
 
@@ -432,7 +432,7 @@ def register_dataset(
         )
     except DataError as err:
         return error_message(err), gr.update(), gr.update()
-    message = f"**✅ Registered '{entry.name}'**: {entry.rows} examples, format **{entry.format}**. {clean.summary()}"
+    message = f"**Registered '{entry.name}'**: {entry.rows} examples, format **{entry.format}**. {clean.summary()}"
     if report.warnings:
         message += f"\n\n{len(report.warnings)} rows skipped:\n\n{issues_markdown(report)}"
     table, select, _ = list_datasets(home, entry.name)

@@ -26,7 +26,11 @@ def trained(tmp_path_factory):
     env = dict(os.environ, STUDIO_HOME=str(home), HF_HUB_OFFLINE="1")
     proc = subprocess.run(
         [sys.executable, "-m", "studio.cli", "train", str(REPO / "presets" / "quick-demo.yaml")],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     store = Store(home / "studio.db")
@@ -106,12 +110,18 @@ def test_cli_exports_merged_and_adapter(trained, tmp_path):
     run_id = trained["run"].id
     out = subprocess.run(
         [sys.executable, "-m", "studio.cli", "export", run_id, "--adapter", str(tmp_path / "a"), "--zip"],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "a" / "adapter_model.safetensors").is_file() and (tmp_path / "a.zip").is_file()
     again = subprocess.run(
         [sys.executable, "-m", "studio.cli", "export", run_id, "--adapter", str(tmp_path / "a")],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert again.returncode == 1 and again.stderr.startswith("error:") and "not empty" in again.stderr

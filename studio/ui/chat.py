@@ -1,0 +1,408 @@
+"""The Chat tab: a base model plus adapters from finished runs, streamed replies, compare with the base.
+
+The model runs in a studio.chatproc.ChatProcess, ONE per server (per workspace), created lazily:
+memory is what chat is short of, so every browser shares one loaded model instead of loading one each;
+its lock queues concurrent requests (none is dropped), and every request names the adapter that answers,
+so two users on different adapters never switch each other's answers. Conversations stay per browser
+(in the Chatbot values). Unload ends that process for everyone, which is what gives its memory back.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from studio.chat import BASE, GenerationSettings
+from studio.chatproc import ChatError, ChatProcess
+from studio.models import BUNDLED, DTYPES
+from studio.store import RunNotFound, RunStatus, Store
+from studio.ui.common import UIContext, error_message
+
+History = list[dict]
+
+
+class ChatUIError(Exception):
+    """Widget values the chat cannot use; `problems` lists each, as error_message shows them."""
+
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+# -- the shared chat process ------------------------------------------------------------------------
+
+_PROCESSES: dict[Path, ChatProcess] = {}
+_PROCESSES_LOCK = threading.Lock()
+
+
+def chat_process(home: Path) -> ChatProcess:
+    """The server's ChatProcess for a workspace, made on first use (no child starts until Load)."""
+    with _PROCESSES_LOCK:
+        proc = _PROCESSES.get(Path(home))
+        if proc is None:
+            proc = _PROCESSES[Path(home)] = ChatProcess(home=Path(home))
+        return proc
+
+
+# -- pure callbacks ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunAdapter:
+    run_id: str
+    path: str
+    base_source: str  # the base model the run trained on
+
+
+def has_adapter(adapter_dir: str | None) -> bool:
+    return bool(adapter_dir) and (Path(adapter_dir) / "adapter_config.json").is_file()
+
+
+def adapter_choices(store: Store) -> list[tuple[str, str]]:
+    """(label, run id) for every completed run whose adapter is on disk, newest first."""
+    return [
+        (f"{run.name} ({run.id})", run.id)
+        for run in store.list_runs(RunStatus.COMPLETED)
+        if has_adapter(run.adapter_dir)
+    ]
+
+
+def run_adapter(store: Store, run_id: str) -> RunAdapter:
+    """The adapter of a run, or ChatUIError saying why that run cannot be chatted with."""
+    try:
+        run = store.get_run(run_id)
+    except RunNotFound:
+        raise ChatUIError(
+            f"There is no run '{run_id}'. Pick one from the adapter list (it lists finished runs)."
+        ) from None
+    if run.status != RunStatus.COMPLETED:
+        raise ChatUIError(
+            f"Run '{run_id}' is {run.status.value}; only a completed run has a final adapter to chat with."
+        )
+    if not has_adapter(run.adapter_dir):
+        raise ChatUIError(f"Run '{run_id}' has no adapter on disk (looked in {run.adapter_dir}); was it deleted?")
+    source = str((run.config.get("model") or {}).get("source") or BUNDLED)
+    return RunAdapter(run.id, str(run.adapter_dir), source)
+
+
+def same_base(a: str | None, b: str | None) -> bool:
+    """Whether two model sources name the same model ("" and "bundled" do; folders compare resolved)."""
+
+    def norm(s: str | None) -> str:
+        s = (s or "").strip() or BUNDLED
+        path = Path(s).expanduser()
+        return str(path.resolve()) if path.exists() else s
+
+    return norm(a) == norm(b)
+
+
+def settings_from_widgets(
+    temperature: float, top_p: float, top_k: float, max_new_tokens: float, repetition_penalty: float
+) -> GenerationSettings:
+    """Slider and number values as GenerationSettings; ChatUIError lists every value out of range."""
+    try:
+        settings = GenerationSettings(
+            max_new_tokens=int(max_new_tokens),
+            temperature=float(temperature),
+            top_p=float(top_p),
+            top_k=int(top_k),
+            repetition_penalty=float(repetition_penalty),
+        )
+    except (TypeError, ValueError):
+        raise ChatUIError("Every generation setting needs a number.") from None
+    problems = settings.validate()
+    if problems:
+        raise ChatUIError(problems)
+    return settings
+
+
+def text_of(content) -> str:
+    """A Chatbot message's text: gradio 6 hands back a list of parts ({"type": "text", "text": ...})."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    if isinstance(content, (list, tuple)):
+        return "".join(text_of(part) for part in content)
+    return ""
+
+
+def to_messages(history: History | None, system_prompt: str, message: str) -> list[dict[str, str]]:
+    """The conversation the model answers: system prompt, earlier turns, the new user message."""
+    messages = [{"role": "system", "content": system_prompt.strip()}] if system_prompt and system_prompt.strip() else []
+    for turn in history or []:
+        if turn.get("role") in ("user", "assistant"):
+            messages.append({"role": turn["role"], "content": text_of(turn.get("content"))})
+    messages.append({"role": "user", "content": message})
+    return messages
+
+
+def plain_history(history: History | None) -> History:
+    return [{"role": t["role"], "content": text_of(t.get("content"))} for t in history or [] if t.get("role")]
+
+
+def with_reply(history: History | None, message: str, reply: str) -> History:
+    """The history shown while a reply grows: earlier turns, the user's message, the reply so far."""
+    return [*plain_history(history), {"role": "user", "content": message}, {"role": "assistant", "content": reply}]
+
+
+def active_choices(loaded: dict[str, str] | list[str]) -> list[tuple[str, str]]:
+    return [("base (no adapter)", BASE), *((name, name) for name in loaded)]
+
+
+def status_markdown(info: dict, note: str = "") -> str:
+    """What is loaded, the process id and its memory."""
+    if not info.get("loaded"):
+        text = "No chat model loaded. Choose a base model (and adapters), then press **Load**."
+    else:
+        adapters = ", ".join(f"`{a}`" for a in info.get("adapters") or {}) or "none"
+        memory = f"{info['rss_mb']:,.0f} MB" if info.get("rss_mb") else "unknown"
+        if info.get("cuda_mb"):
+            memory += f" RAM, {info['cuda_mb']:,.0f} MB GPU"
+        text = (
+            f"**Loaded:** {info.get('name') or info.get('source')} ({info.get('dtype', '?')}"
+            f"{'' if info.get('quant_mode', 'none') == 'none' else ', ' + info['quant_mode']})  \n"
+            f"**Adapters:** {adapters}  \n"
+            f"**Chat process:** pid {info.get('pid')}, memory {memory}"
+        )
+    return f"{text}\n\n{note}" if note else text
+
+
+def local_status(proc: ChatProcess) -> dict:
+    """The status from what the client knows, without waiting for the process's turn."""
+    base = proc.base
+    if base is None:
+        return {"loaded": False}
+    source, dtype, quant_mode = base
+    return {
+        "loaded": True,
+        "name": source,
+        "dtype": dtype,
+        "quant_mode": quant_mode,
+        "adapters": proc.loaded_adapters,
+        "pid": proc.pid,
+        "rss_mb": proc.memory_mb,
+    }
+
+
+def load_chat(
+    proc: ChatProcess, store: Store, source: str, run_ids: list[str] | None, dtype: str = "fp32"
+) -> tuple[dict, str]:
+    """Make the process hold `source` with exactly the chosen adapters. Returns (status, note).
+
+    The base restarts only when it changes; adapters are added and removed to match the choice.
+    """
+    source = (source or "").strip() or BUNDLED
+    wanted = [run_adapter(store, run_id) for run_id in run_ids or []]  # refuse bad runs before loading anything
+    if proc.base != (source, dtype, "none"):
+        proc.start(source, dtype)
+    for name in set(proc.loaded_adapters) - {a.run_id for a in wanted}:
+        proc.remove_adapter(name)
+    notes = []
+    for adapter in wanted:
+        if adapter.run_id not in proc.loaded_adapters:
+            proc.add_adapter(adapter.run_id, adapter.path)
+        if not same_base(adapter.base_source, source):
+            notes.append(f"Note: run `{adapter.run_id}` was trained on `{adapter.base_source}`, not on `{source}`.")
+    return proc.status(), "\n".join(notes)
+
+
+def ensure_adapter(proc: ChatProcess, store: Store, adapter: str) -> None:
+    """Load on demand what one request needs: the run's base if nothing is loaded, then its adapter."""
+    adapter = (adapter or "").strip() or BASE
+    run = None if adapter == BASE else run_adapter(store, adapter)
+    if not proc.alive:
+        proc.start(run.base_source if run else BUNDLED)
+    if run and run.run_id not in proc.loaded_adapters:
+        proc.add_adapter(run.run_id, run.path)
+
+
+def answer(proc: ChatProcess, store: Store, message: str, adapter: str, system_prompt: str, max_new_tokens: int) -> str:
+    """One reply, loading what it needs: the `chat` API endpoint."""
+    if not (message or "").strip():
+        raise ChatUIError("Type a message to send.")
+    settings = GenerationSettings(max_new_tokens=int(max_new_tokens))
+    problems = settings.validate()
+    if problems:
+        raise ChatUIError(problems)
+    adapter = (adapter or "").strip() or BASE
+    ensure_adapter(proc, store, adapter)
+    return proc.reply(to_messages([], system_prompt, message), settings, adapter)
+
+
+def send_chat(
+    proc: ChatProcess,
+    message: str,
+    history: History | None,
+    base_history: History | None,
+    system_prompt: str,
+    settings: GenerationSettings,
+    active: str,
+    compare: bool,
+) -> Iterator[tuple[History, History]]:
+    """Stream the reply as growing histories (adapter side, base side). In compare mode the base answers
+    first on the left, then the adapter on the right; each side keeps its own conversation."""
+    active = active or BASE
+    if not (message or "").strip():
+        raise ChatUIError("Type a message to send.")
+    if not proc.alive:
+        raise ChatUIError("No chat model is loaded. Choose a base model (and adapters) and press Load.")
+    if compare and active == BASE:
+        raise ChatUIError("Compare needs an adapter: load one and choose it under 'Answer with'.")
+    history, base_history = plain_history(history), plain_history(base_history)
+    if compare:
+        shown = with_reply(base_history, message, "")
+        yield with_reply(history, message, ""), shown  # both sides show the question before any answer
+        for partial in proc.stream(to_messages(base_history, system_prompt, message), settings, BASE):
+            shown = with_reply(base_history, message, partial)
+            yield with_reply(history, message, ""), shown
+        base_history = shown
+    shown = with_reply(history, message, "")
+    yield shown, base_history
+    for partial in proc.stream(to_messages(history, system_prompt, message), settings, active):
+        shown = with_reply(history, message, partial)
+        yield shown, base_history
+
+
+# -- wiring -----------------------------------------------------------------------------------------
+
+
+def build(ctx: UIContext, tab) -> None:
+    def store() -> Store:
+        return ctx.jobs.store
+
+    def proc() -> ChatProcess:
+        return chat_process(ctx.home)
+
+    def chat_status() -> str:  # a callable value: evaluated on every page load (endpoint /chat_status)
+        return status_markdown(local_status(proc()))
+
+    with gr.Row():
+        with gr.Column(scale=1, min_width=280):
+            model = gr.Textbox(
+                BUNDLED, label="Base model", info="bundled, a local model folder, or a hub id", elem_id="chat-model"
+            )
+            dtype = gr.Dropdown(list(DTYPES), value="fp32", label="Compute type", elem_id="chat-dtype")
+            adapters = gr.Dropdown(
+                choices=adapter_choices(store()),  # refreshed whenever the tab is selected
+                value=[],
+                multiselect=True,
+                allow_custom_value=True,  # API callers may name a run that finished after the page was built
+                label="Adapters (completed runs)",
+                elem_id="chat-adapter",
+            )
+            with gr.Row():
+                load = gr.Button("Load", variant="primary", elem_id="chat-load")
+                unload = gr.Button("Unload", elem_id="chat-unload")
+            # The process is shared by the server: a reloaded page shows what is loaded already.
+            status = gr.Markdown(chat_status, elem_id="chat-status")
+            active = gr.Dropdown(
+                choices=active_choices(proc().loaded_adapters), value=BASE, label="Answer with", elem_id="chat-active"
+            )
+            compare = gr.Checkbox(False, label="Compare with the base model, side by side", elem_id="chat-compare")
+            system = gr.Textbox(label="System prompt", lines=3, elem_id="chat-system")
+            with gr.Accordion("Generation settings", open=False):
+                defaults = GenerationSettings()
+                temperature = gr.Slider(
+                    0,
+                    2,
+                    value=defaults.temperature,
+                    step=0.05,
+                    label="Temperature (0 = greedy)",
+                    elem_id="chat-temperature",
+                )
+                top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label="Top-p", elem_id="chat-top-p")
+                top_k = gr.Slider(0, 200, value=defaults.top_k, step=1, label="Top-k (0 = off)", elem_id="chat-top-k")
+                max_new = gr.Slider(
+                    1,
+                    2048,
+                    value=defaults.max_new_tokens,
+                    step=1,
+                    label="Max new tokens",
+                    elem_id="chat-max-new-tokens",
+                )
+                penalty = gr.Slider(
+                    0.5,
+                    3,
+                    value=defaults.repetition_penalty,
+                    step=0.05,
+                    label="Repetition penalty",
+                    elem_id="chat-repetition-penalty",
+                )
+        with gr.Column(scale=3):
+            with gr.Row():
+                base_bot = gr.Chatbot(label="Base model (no adapter)", elem_id="chatbot-base", visible=False)
+                bot = gr.Chatbot(label="Chat", elem_id="chatbot")
+            message = gr.Textbox(
+                placeholder="Type a message and press Enter", show_label=False, lines=2, elem_id="chat-input"
+            )
+            with gr.Row():
+                send = gr.Button("Send", variant="primary", elem_id="chat-send")
+                clear = gr.Button("Clear", elem_id="chat-clear")
+
+    def on_select(chosen: list[str] | None, active_name: str):
+        choices = adapter_choices(store())
+        ids = {value for _, value in choices}
+        loaded = proc().loaded_adapters
+        return (
+            gr.Dropdown(choices=choices, value=[c for c in chosen or [] if c in ids]),
+            gr.Dropdown(choices=active_choices(loaded), value=active_name if active_name in loaded else BASE),
+            status_markdown(local_status(proc())),
+        )
+
+    def on_load(source: str, run_ids: list[str] | None, dtype_name: str):
+        p = proc()
+        try:
+            info, note = load_chat(p, store(), source, run_ids, dtype_name)
+        except (ChatError, ChatUIError) as err:
+            loaded = p.loaded_adapters
+            return error_message(err), gr.Dropdown(choices=active_choices(loaded), value=BASE)
+        loaded = list(p.loaded_adapters)
+        return status_markdown(info, note), gr.Dropdown(
+            choices=active_choices(loaded), value=loaded[-1] if loaded else BASE
+        )
+
+    def on_unload():
+        proc().unload()
+        note = "Unloaded: the chat process ended and its memory was given back."
+        return status_markdown({"loaded": False}, note), gr.Dropdown(choices=active_choices([]), value=BASE)
+
+    def on_send(msg, history, base_history, system_prompt, temp, p, k, max_tokens, rep, active_name, compare_on):
+        answered = False
+        try:
+            settings = settings_from_widgets(temp, p, k, max_tokens, rep)
+            for shown, base_shown in send_chat(
+                proc(), msg, history, base_history, system_prompt, settings, active_name, compare_on
+            ):
+                history, base_history, answered = shown, base_shown, True
+                yield shown, base_shown, "", gr.skip()
+        except (ChatError, ChatUIError) as err:
+            # Keep what was typed when nothing was answered, so the user can send it again.
+            yield history, base_history, "" if answered else gr.skip(), error_message(err)
+            return
+        yield gr.skip(), gr.skip(), gr.skip(), status_markdown(local_status(proc()))
+
+    def on_compare(on: bool):
+        return gr.Chatbot(visible=on), gr.Chatbot(label="With the adapter" if on else "Chat")
+
+    def chat(message: str, adapter: str = BASE, system_prompt: str = "", max_new_tokens: int = 128) -> str:
+        """Answer one message with a completed run's adapter (its run id) or "base", loading on demand."""
+        try:
+            return answer(proc(), store(), message, adapter, system_prompt, max_new_tokens)
+        except (ChatError, ChatUIError) as err:
+            raise gr.Error(str(err)) from err
+
+    tab.select(on_select, [adapters, active], [adapters, active, status], api_name=False)
+    load.click(on_load, [model, adapters, dtype], [status, active], api_name="chat_load")
+    unload.click(on_unload, None, [status, active], api_name="chat_unload")
+    inputs = [message, bot, base_bot, system, temperature, top_p, top_k, max_new, penalty, active, compare]
+    outputs = [bot, base_bot, message, status]
+    send.click(on_send, inputs, outputs, api_name=False)
+    message.submit(on_send, inputs, outputs, api_name=False)
+    clear.click(lambda: ([], []), None, [bot, base_bot], api_name=False)
+    compare.change(on_compare, compare, [base_bot, bot], api_name=False)
+    gr.api(chat, api_name="chat")

@@ -1,0 +1,169 @@
+"""A person's whole path through the studio, in headless Chromium against a real `studio serve`:
+register a bundled sample by upload, train the bundled model briefly while the loss chart fills in,
+chat with the adapter (streamed), compare with the base, export a merged model. Screenshots of every
+tab go to test-artifacts/."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from studio.paths import db_path
+from studio.store import Store
+from tests.e2e.conftest import ARTIFACTS, REPO
+
+pytestmark = pytest.mark.e2e
+
+QUESTION = "What is the mascot of LoRA Studio?"
+
+
+def open_tab(page, label: str) -> None:
+    page.get_by_role("tab", name=label).click()
+    page.wait_for_timeout(500)
+
+
+def choose(page, elem_id: str, text: str) -> None:
+    """Pick an option of a gradio 6 dropdown: click its combobox, then the option."""
+    box = page.locator(f"#{elem_id} input[role=combobox]")
+    box.click()
+    box.fill(text)
+    page.get_by_role("option", name=text).first.click()
+    page.keyboard.press("Escape")
+
+
+def set_number(page, elem_id: str, value: int) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def text_of(page, elem_id: str) -> str:
+    return page.locator(f"#{elem_id}").inner_text()
+
+
+def wait_text(page, elem_id: str, needle: str, timeout: float = 120.0) -> str:
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        text = text_of(page, elem_id)
+        if needle in text:
+            return text
+        page.wait_for_timeout(250)
+    raise AssertionError(f"#{elem_id} never showed {needle!r}; last text: {text[:500]!r}")
+
+
+def plot_points(page, elem_id: str) -> int:
+    """Points in the first trace of a plotly chart, read from the chart the browser drew."""
+    return page.evaluate(
+        """(id) => {
+            const el = document.querySelector(`#${id} .js-plotly-plot`);
+            if (!el || !el.data || !el.data.length || !el.data[0].x) return 0;
+            return el.data[0].x.length;
+        }""",
+        elem_id,
+    )
+
+
+def shot(page, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def test_register_train_chat_compare_export(server, page):
+    try:
+        _flow(server, page)
+    except BaseException:
+        shot(page, "failure")
+        raise
+
+
+def _flow(server, page) -> None:
+    page.goto(server.url)
+    page.wait_for_selector("#ds-upload")
+
+    # Datasets: upload a bundled sample file and register it under a new name.
+    page.locator("#ds-upload input[type=file]").set_input_files(str(REPO / "datasets" / "studio_facts.json"))
+    wait_text(page, "ds-message", "72")  # validated on upload: 72 rows, no errors
+    page.locator("#ds-name textarea, #ds-name input").first.fill("facts-e2e")
+    page.locator("#ds-register").click()
+    wait_text(page, "ds-message", "Registered 'facts-e2e'")
+    assert "⟦" in text_of(page, "ds-preview")  # the trained part is marked in the preview
+    shot(page, "1-datasets")
+
+    # Train: the quick-demo form, on the new dataset, cut to a few steps with a point per step.
+    open_tab(page, "Train")
+    choose(page, "train-dataset", "facts-e2e")
+    set_number(page, "train-max-steps", 8)
+    set_number(page, "train-logging-steps", 1)
+    page.locator("#train-start").click()
+    wait_text(page, "train-status", "running", timeout=60)
+    counts = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        counts.append(plot_points(page, "loss-plot"))
+        if "completed" in text_of(page, "train-status"):
+            break
+        page.wait_for_timeout(300)
+    status = text_of(page, "train-status")
+    assert "completed" in status, status
+    seen = sorted(set(c for c in counts if c))
+    assert len(seen) >= 3, f"the loss chart should gain points while the run goes, saw counts {seen}"
+    page.wait_for_timeout(1500)
+    assert plot_points(page, "loss-plot") == 8
+    assert "8/8" in text_of(page, "train-progress") or "8/8" in status
+    shot(page, "2-train")
+
+    (run,) = Store(db_path(server.home)).list_runs()
+    run_id = run.id
+    assert run_id in status and run.status.value == "completed"
+    open_tab(page, "Runs")
+    wait_text(page, "runs-table", run_id[:15])
+    shot(page, "3-runs")
+
+    # Chat: load the adapter, ask, watch the answer stream in; then compare with the base.
+    open_tab(page, "Chat")
+    choose(page, "chat-adapter", run_id)
+    page.locator("#chat-load").click()
+    status = wait_text(page, "chat-status", "Loaded:", timeout=120)
+    assert run_id in status  # the adapter is loaded, and answers (the active choice follows the load)
+    page.locator("#chat-input textarea").fill(QUESTION)
+    page.locator("#chat-send").click()
+    lengths = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        bot = page.locator("#chatbot [data-testid=bot]").last
+        if bot.count():
+            lengths.append(len(bot.inner_text()))
+        if len(lengths) > 3 and lengths[-1] > 0 and lengths[-1] == lengths[-2] == lengths[-3]:
+            break
+        page.wait_for_timeout(100)
+    assert len(set(lengths) - {0}) >= 2, f"the answer should arrive in pieces, saw lengths {lengths}"
+    shot(page, "4-chat")
+
+    page.locator("#chat-compare input[type=checkbox]").check()
+    page.locator("#chat-input textarea").fill(QUESTION)
+    page.locator("#chat-send").click()
+    page.wait_for_function(
+        """() => ['chatbot', 'chatbot-base'].every(id => {
+            const msgs = document.querySelectorAll(`#${id} [data-testid=bot]`);
+            return msgs.length && msgs[msgs.length - 1].innerText.trim().length > 0;
+        })""",
+        timeout=120_000,
+    )
+    page.wait_for_timeout(3000)  # let both streams finish
+    adapter_answer = page.locator("#chatbot [data-testid=bot]").last.inner_text()
+    base_answer = page.locator("#chatbot-base [data-testid=bot]").last.inner_text()
+    assert adapter_answer.strip() and base_answer.strip() and adapter_answer != base_answer
+    shot(page, "5-chat-compare")
+
+    # Export: merge onto the full-precision base and list the files.
+    open_tab(page, "Export")
+    choose(page, "export-run", run_id)
+    page.locator("#export-merge").click()
+    wait_text(page, "export-message", "saved to", timeout=300)
+    assert "model.safetensors" in text_of(page, "export-files")
+    merged = server.home / "exports" / f"{run_id}-merged"
+    assert (merged / "config.json").is_file() and (merged / "model.safetensors").is_file()
+    assert Path(str(merged) + ".zip").is_file()
+    shot(page, "6-export")

@@ -1,0 +1,227 @@
+"""The Chat tab's pure callbacks: adapter choices from the store, settings from widgets, histories, and the
+load/send/answer flows against a fake ChatProcess (the real one is under test in integration)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+from studio.chat import BASE, GenerationSettings
+from studio.chatproc import ChatError
+from studio.paths import db_path
+from studio.store import RunStatus, Store
+from studio.ui import chat as ui
+
+
+@pytest.fixture
+def store(home) -> Store:
+    s = Store(db_path(home))
+    yield s
+    s.close()
+
+
+def make_run(store: Store, home: Path, run_id: str, status: RunStatus, adapter: bool = True, source="bundled"):
+    run_dir = home / "runs" / run_id
+    run_dir.mkdir(parents=True)
+    store.create_run(run_id, f"name-{run_id}", {"model": {"source": source}}, str(run_dir))
+    if status == RunStatus.QUEUED:
+        return
+    store.transition(run_id, RunStatus.RUNNING, pid=1)
+    adapter_dir = run_dir / "adapter"
+    if adapter:
+        adapter_dir.mkdir()
+        (adapter_dir / "adapter_config.json").write_text("{}")
+    store.transition(run_id, status, adapter_dir=str(adapter_dir) if status == RunStatus.COMPLETED else None)
+
+
+class FakeProcess:
+    """Stands in for ChatProcess: records calls, streams a canned reply piece by piece."""
+
+    def __init__(self, alive: bool = False, fail_with: str | None = None) -> None:
+        self.base = ("bundled", "fp32", "none") if alive else None
+        self.loaded_adapters: dict[str, str] = {}
+        self.calls: list[tuple] = []
+        self.fail_with = fail_with
+
+    @property
+    def alive(self) -> bool:
+        return self.base is not None
+
+    pid = 4242
+    memory_mb = 512.0
+
+    def start(self, source="bundled", dtype="fp32", quant_mode="none"):
+        self.calls.append(("start", source, dtype))
+        self.base, self.loaded_adapters = (source, dtype, quant_mode), {}
+        return self.status()
+
+    def add_adapter(self, name, path):
+        self.calls.append(("add", name))
+        self.loaded_adapters[name] = str(path)
+
+    def remove_adapter(self, name):
+        self.calls.append(("remove", name))
+        self.loaded_adapters.pop(name, None)
+
+    def status(self):
+        return {"loaded": self.alive, "pid": self.pid, "rss_mb": 512.0, "adapters": dict(self.loaded_adapters)}
+
+    def stream(self, messages, settings=None, adapter=None):
+        self.calls.append(("stream", adapter, messages))
+        text = ""
+        for piece in (f"[{adapter}]", " hello", " there"):
+            text += piece
+            yield text
+        if self.fail_with:
+            raise ChatError(self.fail_with)
+
+    def reply(self, messages, settings=None, adapter=None):
+        return list(self.stream(messages, settings, adapter))[-1]
+
+
+def test_adapter_choices_list_completed_runs_with_an_adapter(store, home):
+    make_run(store, home, "r-done", RunStatus.COMPLETED)
+    make_run(store, home, "r-noadapter", RunStatus.COMPLETED, adapter=False)
+    make_run(store, home, "r-failed", RunStatus.FAILED)
+    make_run(store, home, "r-queued", RunStatus.QUEUED)
+    assert ui.adapter_choices(store) == [("name-r-done (r-done)", "r-done")]
+
+
+def test_run_adapter_explains_each_refusal(store, home):
+    make_run(store, home, "good", RunStatus.COMPLETED, source="/models/x")
+    make_run(store, home, "failed", RunStatus.FAILED)
+    make_run(store, home, "empty", RunStatus.COMPLETED, adapter=False)
+    got = ui.run_adapter(store, "good")
+    assert got.run_id == "good" and got.base_source == "/models/x" and got.path.endswith("adapter")
+    with pytest.raises(ui.ChatUIError, match="no run 'nope'"):
+        ui.run_adapter(store, "nope")
+    with pytest.raises(ui.ChatUIError, match="is failed; only a completed run"):
+        ui.run_adapter(store, "failed")
+    with pytest.raises(ui.ChatUIError, match="has no adapter on disk"):
+        ui.run_adapter(store, "empty")
+
+
+def test_settings_from_widgets_converts_and_lists_every_problem():
+    s = ui.settings_from_widgets(0.7, 0.9, 40.0, 64.0, 1.2)
+    assert s == GenerationSettings(max_new_tokens=64, temperature=0.7, top_p=0.9, top_k=40, repetition_penalty=1.2)
+    with pytest.raises(ui.ChatUIError) as err:
+        ui.settings_from_widgets(9, 0.9, 40, 0, 1.1)
+    assert len(err.value.problems) == 2 and "temperature" in str(err.value) and "max_new_tokens" in str(err.value)
+    with pytest.raises(ui.ChatUIError, match="needs a number"):
+        ui.settings_from_widgets(None, 0.9, 40, 64, 1.1)
+
+
+def test_history_in_gradio6_parts_becomes_plain_messages():
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}], "metadata": None},
+        {"role": "assistant", "content": [{"type": "text", "text": "hello"}]},
+    ]
+    assert ui.to_messages(history, "  Be brief. ", "and now?") == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "and now?"},
+    ]
+    assert ui.to_messages(None, "", "x") == [{"role": "user", "content": "x"}]
+    assert ui.with_reply(history, "q", "a")[-2:] == [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
+    ]
+    assert ui.text_of("plain") == "plain" and ui.text_of(None) == ""
+
+
+def test_status_markdown_says_what_is_loaded():
+    assert "No chat model loaded" in ui.status_markdown({"loaded": False})
+    md = ui.status_markdown(
+        {"loaded": True, "name": "tiny", "dtype": "fp32", "adapters": {"r1": "/a"}, "pid": 77, "rss_mb": 1234.5}
+    )
+    assert "tiny" in md and "`r1`" in md and "pid 77" in md and "1,234 MB" in md
+    assert ui.status_markdown({"loaded": False}, "Unloaded.").endswith("Unloaded.")
+    assert ui.active_choices({"r1": "/a"}) == [("base (no adapter)", BASE), ("r1", "r1")]
+
+
+def test_load_chat_starts_once_and_matches_the_chosen_adapters(store, home):
+    make_run(store, home, "a", RunStatus.COMPLETED)
+    make_run(store, home, "b", RunStatus.COMPLETED, source="/elsewhere")
+    proc = FakeProcess()
+    info, note = ui.load_chat(proc, store, "bundled", ["a", "b"])
+    assert info["loaded"] and set(proc.loaded_adapters) == {"a", "b"}
+    assert "trained on `/elsewhere`" in note
+    proc.calls.clear()
+    ui.load_chat(proc, store, "bundled", ["b"])
+    assert proc.calls == [("remove", "a")]  # same base: no restart, only the adapter set changes
+    with pytest.raises(ui.ChatUIError, match="no run"):
+        ui.load_chat(proc, store, "other-model", ["missing"])
+    assert proc.base[0] == "bundled"  # a bad choice is refused before anything is restarted
+
+
+def test_send_streams_growing_history_and_compare_answers_base_first():
+    proc = FakeProcess(alive=True)
+    proc.loaded_adapters["r1"] = "/a"
+    settings = GenerationSettings(max_new_tokens=8)
+    steps = list(ui.send_chat(proc, "hi", [], [], "sys", settings, "r1", compare=False))
+    replies = [shown[-1]["content"] for shown, _ in steps]
+    assert replies[0] == "" and replies[-1] == "[r1] hello there"
+    assert all(b.startswith(a) for a, b in itertools.pairwise(replies))
+    assert proc.calls[-1][2][0] == {"role": "system", "content": "sys"}
+
+    steps = list(ui.send_chat(proc, "hi", [], [], "", settings, "r1", compare=True))
+    final, final_base = steps[-1]
+    assert final_base[-1]["content"] == "[base] hello there" and final[-1]["content"] == "[r1] hello there"
+    assert [c[1] for c in proc.calls[-2:]] == [BASE, "r1"]  # base first, on the left
+
+
+def test_send_refuses_with_actionable_messages():
+    settings = GenerationSettings()
+    with pytest.raises(ui.ChatUIError, match="press Load"):
+        list(ui.send_chat(FakeProcess(), "hi", [], [], "", settings, BASE, False))
+    with pytest.raises(ui.ChatUIError, match="Compare needs an adapter"):
+        list(ui.send_chat(FakeProcess(alive=True), "hi", [], [], "", settings, BASE, True))
+    with pytest.raises(ui.ChatUIError, match="Type a message"):
+        list(ui.send_chat(FakeProcess(alive=True), "  ", [], [], "", settings, BASE, False))
+    crashing = FakeProcess(alive=True, fail_with="The chat process ended unexpectedly")
+    with pytest.raises(ChatError, match="ended unexpectedly"):
+        list(ui.send_chat(crashing, "hi", [], [], "", settings, BASE, False))
+
+
+def test_answer_loads_the_runs_base_and_adapter_on_demand(store, home):
+    make_run(store, home, "r1", RunStatus.COMPLETED, source="/models/tiny")
+    proc = FakeProcess()
+    assert ui.answer(proc, store, "hi", "r1", "", 16) == "[r1] hello there"
+    assert proc.calls[:2] == [("start", "/models/tiny", "fp32"), ("add", "r1")]
+    assert ui.answer(proc, store, "hi", "base", "", 16) == "[base] hello there"
+    with pytest.raises(ui.ChatUIError, match="max_new_tokens"):
+        ui.answer(proc, store, "hi", "base", "", 0)
+
+
+def test_one_chat_process_per_workspace(tmp_path):
+    a = ui.chat_process(tmp_path / "one")
+    assert ui.chat_process(tmp_path / "one") is a
+    assert ui.chat_process(tmp_path / "two") is not a
+    assert not a.alive  # made lazily: no child process until Load
+
+
+def test_build_makes_the_widgets_and_endpoints(home):
+    import gradio as gr
+
+    from studio.ui.common import UIContext
+
+    with gr.Blocks() as app, gr.Tab("Chat") as tab:
+        ui.build(UIContext(home=home), tab)
+    ids = {getattr(b, "elem_id", None) for b in app.blocks.values()}
+    expected = {
+        "chat-model", "chat-adapter", "chat-load", "chat-unload", "chat-status", "chat-system", "chat-temperature",
+        "chat-top-p", "chat-top-k", "chat-max-new-tokens", "chat-repetition-penalty", "chat-active", "chat-input",
+        "chat-send", "chatbot", "chat-compare", "chatbot-base", "chat-clear",
+    }  # fmt: skip
+    assert expected <= ids
+    endpoints = app.get_api_info()["named_endpoints"]
+    assert {"/chat", "/chat_load"} <= set(endpoints)
+    assert [p["parameter_name"] for p in endpoints["/chat"]["parameters"]] == [
+        "message",
+        "adapter",
+        "system_prompt",
+        "max_new_tokens",
+    ]
