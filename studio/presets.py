@@ -1,4 +1,8 @@
-"""Presets are data: presets/*.yaml, each a partial RunConfig merged over the defaults."""
+"""Presets are data: YAML files, each a partial RunConfig merged over the defaults.
+
+The project's own presets live in presets/ (read-only for the studio); the ones a user saves from the
+form live in STUDIO_HOME/presets/, so saving never writes into the installed project.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from studio.config import ConfigError, RunConfig, merge_dicts
-from studio.paths import presets_dir
+from studio.paths import presets_dir, studio_home
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -38,20 +42,37 @@ def _read(path: Path) -> Preset:
     return preset
 
 
+def user_presets_dir() -> Path:
+    return studio_home() / "presets"
+
+
+def _preset_files(directory: Path | None) -> list[Path]:
+    """One directory when given; else the project's presets, then the user's (built-in names win)."""
+    dirs = [directory] if directory is not None else [presets_dir(), user_presets_dir()]
+    found: dict[str, Path] = {}
+    for d in dirs:
+        for path in sorted(d.glob("*.yaml")) if d.is_dir() else []:
+            found.setdefault(path.stem, path)
+    return list(found.values())
+
+
 def list_presets(directory: Path | None = None) -> list[Preset]:
-    directory = directory or presets_dir()
-    return [_read(p) for p in sorted(directory.glob("*.yaml"))]
+    return [_read(p) for p in _preset_files(directory)]
 
 
 def preset_names(directory: Path | None = None) -> list[str]:
-    return [p.stem for p in sorted((directory or presets_dir()).glob("*.yaml"))]
+    return [p.stem for p in _preset_files(directory)]
 
 
 def load_preset(name_or_path: str, directory: Path | None = None) -> RunConfig:
     """A preset by name ('quick-demo') or by path, as a full RunConfig."""
     given = Path(name_or_path).expanduser()
     by_name = not given.suffix and not given.is_file()
-    path = (directory or presets_dir()) / f"{name_or_path}.yaml" if by_name else given
+    if by_name:
+        files = {p.stem: p for p in _preset_files(directory)}
+        path = files.get(name_or_path, Path(f"{name_or_path}.yaml"))
+    else:
+        path = given
     if not path.is_file():
         if not by_name:
             raise ConfigError([f"Config file '{name_or_path}' does not exist."])
@@ -64,7 +85,11 @@ def save_preset(config: RunConfig, name: str, description: str = "", directory: 
     """Save a form as a preset: only the values that differ from the defaults, so presets stay readable."""
     if not _NAME.match(name):
         raise ConfigError([f"Preset name '{name}' is not allowed: use letters, digits, '-', '_' or '.' only."])
-    directory = directory or presets_dir()
+    if directory is None:
+        if (presets_dir() / f"{name}.yaml").is_file():
+            raise ConfigError([f"'{name}' is a built-in preset; save yours under another name."])
+        directory = user_presets_dir()
+    directory.mkdir(parents=True, exist_ok=True)
     overrides = _diff(RunConfig().to_dict(), config.to_dict())
     body = {"description": description, **overrides} if description else overrides
     path = directory / f"{name}.yaml"

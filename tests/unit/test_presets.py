@@ -47,3 +47,16 @@ def test_save_then_load_gives_the_same_config(tmp_path):
     path = save_preset(cfg, "mine", "my preset", directory=tmp_path)
     assert "r: 32" in path.read_text() and "learning_rate" not in path.read_text()
     assert load_preset("mine", directory=tmp_path) == cfg
+
+
+def test_user_presets_go_to_the_workspace_and_are_listed(home):
+    from studio.presets import user_presets_dir
+
+    cfg = RunConfig()
+    cfg.lora.r = 8
+    path = save_preset(cfg, "my-small-rank", "rank 8")
+    assert path.parent == user_presets_dir() and str(path).startswith(str(home))
+    assert "my-small-rank" in preset_names() and "quick-demo" in preset_names()
+    assert load_preset("my-small-rank").lora.r == 8
+    with pytest.raises(ConfigError, match="built-in"):
+        save_preset(cfg, "quick-demo")
