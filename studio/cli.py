@@ -274,9 +274,16 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from studio.ui.app import launch
+    from studio.security import AccessError, load_auth, serve_policy
+    from studio.ui.app import default_roots, launch
 
-    return launch(host=args.host, port=args.port)
+    try:
+        policy = serve_policy(
+            args.host, load_auth(args.auth, args.auth_file), args.insecure, [*default_roots(), *args.allow_root]
+        )
+    except AccessError as err:
+        raise UsageError(str(err)) from err
+    return launch(host=policy.host, port=args.port, auth=policy.auth, allowed_roots=policy.allowed_roots)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -286,6 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="open the studio in the browser")
     s.add_argument("--host", default=os.environ.get("STUDIO_HOST", "127.0.0.1"))
     s.add_argument("--port", type=int, default=int(os.environ.get("STUDIO_PORT", "7860")))
+    s.add_argument("--auth", help="user:password (several: u1:p1,u2:p2); or set STUDIO_AUTH")
+    s.add_argument("--auth-file", help="a file of user:password lines; or set STUDIO_AUTH_FILE")
+    s.add_argument("--insecure", action="store_true", help="allow a non-local --host without authentication")
+    s.add_argument(
+        "--allow-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="on a non-local host, a folder whose model/dataset paths the page may read (besides STUDIO_HOME)",
+    )
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("train", help="train headless from a config file or preset")

@@ -83,7 +83,7 @@ def load_preset(name_or_path: str, directory: Path | None = None) -> RunConfig:
 
 def save_preset(config: RunConfig, name: str, description: str = "", directory: Path | None = None) -> Path:
     """Save a form as a preset: only the values that differ from the defaults, so presets stay readable."""
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise ConfigError([f"Preset name '{name}' is not allowed: use letters, digits, '-', '_' or '.' only."])
     if directory is None:
         if (presets_dir() / f"{name}.yaml").is_file():

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.data.errors import DataError
+from studio.security import AccessError, ensure_allowed
 
 # extension -> the `datasets` packaged loader that reads it
 SUPPORTED_EXTENSIONS: dict[str, str] = {
@@ -50,6 +51,10 @@ def read_rows(path: Path) -> list[dict]:
             f"{', '.join(SUPPORTED_EXTENSIONS)}. Convert the file to one of these (or fix its extension "
             "if the content already is one)."
         )
+    try:
+        ensure_allowed(path, "Dataset file")
+    except AccessError as err:  # a network-facing server reads only under its allowed roots
+        raise DataError(str(err)) from err
     if not path.exists():
         raise DataError(f"File not found: {path}. Check the path and that the file was not moved or deleted.")
     if not path.is_file():

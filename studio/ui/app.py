@@ -8,11 +8,13 @@ runs started from the CLI all see the same thing.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import gradio as gr
 
-from studio.paths import ensure_home, studio_home
+from studio.paths import bundled_datasets_dir, ensure_home, models_cache_dir, studio_home
+from studio.security import ROOTS_ENV
 from studio.ui import chat, datasets, export, runs, train
 from studio.ui.common import UIContext
 
@@ -46,15 +48,35 @@ def build_app(home: Path | None = None) -> gr.Blocks:
     return app
 
 
-def launch(host: str = "127.0.0.1", port: int = 7860, home: Path | None = None, **kwargs) -> int:
+def default_roots(home: Path | None = None) -> list[Path]:
+    """What a network-facing studio may always read: its workspace, converted models, the bundled samples,
+    and gradio's upload folder (uploads land there before they are registered)."""
+    home = home or studio_home()
+    upload_dir = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
+    return [home, models_cache_dir(home), bundled_datasets_dir(), upload_dir]
+
+
+def launch(
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    home: Path | None = None,
+    auth: list[tuple[str, str]] | None = None,
+    allowed_roots: list[Path] | None = None,
+    **kwargs,
+) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     home = ensure_home(home or studio_home())
+    if allowed_roots is not None:
+        # Read by the engine (studio.security.ensure_allowed) in this process and in the workers it starts.
+        os.environ[ROOTS_ENV] = os.pathsep.join(str(p) for p in allowed_roots)
     app = build_app(home)
     app.queue(default_concurrency_limit=8).launch(
         server_name=host,
         server_port=port,
         show_error=True,
         css=CSS,
+        auth=auth,
+        auth_message="LoRA Studio: sign in." if auth else None,
         allowed_paths=[str(home / "exports")],
         **kwargs,
     )

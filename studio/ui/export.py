@@ -38,7 +38,7 @@ def exports_dir(ctx: UIContext) -> Path:
 def target_dir(ctx: UIContext, run_id: str, kind: str, folder_name: str | None) -> Path:
     """Exports land in STUDIO_HOME/exports/NAME: a bare folder name, never a path outside."""
     name = (folder_name or "").strip() or f"{run_id}-{kind}"
-    if not _SAFE_NAME.match(name) or ".." in name:
+    if not _SAFE_NAME.fullmatch(name) or ".." in name:
         raise ValueError(
             f"Folder name '{name}' is not allowed: use letters, digits, '-', '_' or '.', no slashes. "
             f"Exports are written under {exports_dir(ctx)}."
