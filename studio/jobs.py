@@ -8,6 +8,7 @@ next queued run itself, so the queue moves on with no server running.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import secrets
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +25,17 @@ from pathlib import Path
 from studio.config import ConfigError, RunConfig
 from studio.paths import db_path, ensure_home, runs_dir, studio_home
 from studio.store import Run, RunStatus, Store
-from studio.train import checkpoint_is_complete, checkpoint_step, list_checkpoints
+from studio.train import checkpoint_step, list_checkpoints
 
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "log.txt"
-MIN_FREE_BYTES = 200 * 2**20  # a checkpoint of a small adapter plus optimizer state, with room to spare
+CHECKPOINT_FILES = ("adapter_model.safetensors", "trainer_state.json", "optimizer.pt")
+
+
+def min_free_bytes() -> int:
+    """Room a run needs for its checkpoints; STUDIO_MIN_FREE_MB overrides (default 200 MiB: a small adapter
+    plus optimizer state, with room to spare)."""
+    return int(float(os.environ.get("STUDIO_MIN_FREE_MB", "200")) * 2**20)
 
 
 class JobError(RuntimeError):
@@ -67,6 +75,63 @@ def process_alive(pid: int | None, token: str | None = None) -> bool:
     return True
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (missing or unreadable parts), or None if it is whole."""
+    path = Path(path)
+    missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return "trainer_state.json is not valid JSON"
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
+            list(f.keys())
+    except Exception:  # noqa: BLE001 - safetensors raises several types for a damaged file
+        return "adapter_model.safetensors is unreadable"
+    if not zipfile.is_zipfile(path / "optimizer.pt"):  # torch.save writes a zip archive
+        return "optimizer.pt is truncated or corrupt"
+    return None
+
+
+def model_problems(config: RunConfig, known: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """What is wrong with the model and its LoRA targets, found from the model's config alone (no weights),
+    so a bad path, an unreachable hub id or a missing layer is refused before a run exists."""
+    from studio.models import (
+        ModelError,
+        build_skeleton,
+        expand_targets,
+        linear_layer_names,
+        load_config,
+        resolve_model,
+    )
+
+    if any(p.startswith("model.source") for p in known):
+        return []  # already reported; nothing to resolve
+    try:
+        resolved = resolve_model(config.model.source)
+        model_config = load_config(resolved, config.model.trust_remote_code)
+    except ModelError as err:
+        return [" ".join(str(err).split())]  # transformers' reasons span lines; a problem is one line
+    if any(p.startswith("lora.target_modules") for p in known):
+        return []
+    try:
+        available = linear_layer_names(build_skeleton(model_config))
+    except (ValueError, KeyError) as err:  # transformers: no causal-LM class for this config
+        return [f"'{config.model.source}' is not a causal language model this version can train ({err})."]
+    targets = expand_targets(config.lora.target_modules, available)
+    missing = [t for t in targets if t not in available]
+    if missing or not targets:
+        return [
+            f"lora.target_modules: {', '.join(missing) or '(none)'} not found in this model. "
+            f"Its linear layers are: {', '.join(available)}; or use 'all-linear'."
+        ]
+    return []
+
+
 def make_run_id(name: str) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:32] or "run"
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{secrets.token_hex(2)}"
@@ -83,11 +148,11 @@ def check_workspace(home: Path) -> None:
             f"The workspace {home} is not writable ({err.strerror}). Fix its permissions or set "
             "STUDIO_HOME to a writable folder."
         ) from err
-    free = shutil.disk_usage(home).free
-    if free < MIN_FREE_BYTES:
+    free, need = shutil.disk_usage(home).free, min_free_bytes()
+    if free < need:
         raise JobError(
             f"Only {free / 2**20:.0f} MiB free on the disk of {home}; a run needs at least "
-            f"{MIN_FREE_BYTES / 2**20:.0f} MiB for checkpoints. Free some space or move STUDIO_HOME."
+            f"{need / 2**20:.0f} MiB for checkpoints. Free some space or move STUDIO_HOME."
         )
 
 
@@ -122,6 +187,7 @@ class JobManager:
         """Validate, create the run directory and its row (queued), and start it if a slot is free."""
         problems = config.validate()
         problems += self._missing_datasets(config)
+        problems += model_problems(config, problems)
         if problems:
             raise ConfigError(problems)
         check_workspace(self.home)
@@ -222,32 +288,45 @@ class JobManager:
             self.reconcile()
         return self.store.get_run(run_id)
 
+    def checkpoints(self, run_id: str) -> list[tuple[Path, str | None]]:
+        """Every checkpoint of a run, newest first, with why it cannot be used (None if it can)."""
+        return [(path, checkpoint_problem(path)) for path in list_checkpoints(self.run_dir(run_id))]
+
     def resumable_checkpoint(self, run_id: str) -> Path | None:
-        for path in list_checkpoints(self.run_dir(run_id)):
-            if checkpoint_is_complete(path):
-                return path
-        return None
+        return next((path for path, problem in self.checkpoints(run_id) if problem is None), None)
 
     def resume(self, run_id: str, checkpoint: str | None = None) -> Run:
         """Queue a stopped run again, continuing from its newest complete checkpoint (or the one named)."""
         run = self.store.get_run(run_id)
         if run.status not in (RunStatus.INTERRUPTED, RunStatus.ABORTED, RunStatus.FAILED):
             raise JobError(f"Run {run_id} is {run.status.value}; only interrupted, aborted or failed runs resume.")
+        found = self.checkpoints(run_id)
+        usable = [p.name for p, problem in found if problem is None]
         if checkpoint:
-            path = Path(checkpoint)
-            if not path.is_absolute():
-                path = self.run_dir(run_id) / "checkpoints" / checkpoint
-            if not checkpoint_is_complete(path):
-                others = [p.name for p in list_checkpoints(self.run_dir(run_id)) if checkpoint_is_complete(p)]
+            path = self.run_dir(run_id) / "checkpoints" / Path(checkpoint).name
+            problem = checkpoint_problem(path) if path.is_dir() else "it does not exist"
+            if problem:
                 raise JobError(
-                    f"Checkpoint {path.name} is incomplete or corrupt. Usable checkpoints: "
-                    f"{', '.join(others) or 'none'}."
+                    f"Checkpoint {path.name} cannot be resumed from: {problem}. "
+                    f"Usable checkpoints: {', '.join(usable) or 'none (resume restarts the run)'}."
                 )
         else:
             path = self.resumable_checkpoint(run_id)
+        # Newer checkpoints that are damaged are passed over, and the user is told which and why.
+        skipped = [
+            f"{p.name} ({problem})"
+            for p, problem in found
+            if problem and (path is None or checkpoint_step(p) > checkpoint_step(path))
+        ]
         step = checkpoint_step(path) if path else 0
         self.store.truncate_metrics(run_id, step)
         self.store.transition(run_id, RunStatus.QUEUED, resume_from=str(path) if path else None)
+        if skipped:
+            self.store.add_event(
+                run_id,
+                f"Damaged checkpoint(s) skipped: {'; '.join(skipped)}. Resuming from the previous one.",
+                "warning",
+            )
         self.store.add_event(run_id, f"Resume queued from {path.name if path else 'the start'}")
         self.schedule()
         return self.store.get_run(run_id)

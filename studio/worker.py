@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import signal
 import sys
 import threading
@@ -75,6 +76,17 @@ def _tail(path: Path, lines: int = 20) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def apply_memory_cap() -> int | None:
+    """STUDIO_WORKER_MEMORY_MB caps a run's heap (RLIMIT_DATA): on a shared machine a run that outgrows it
+    fails with an out-of-memory error and a suggestion, instead of pushing everything else into swap."""
+    value = os.environ.get("STUDIO_WORKER_MEMORY_MB")
+    if not value:
+        return None
+    limit = int(float(value) * 2**20)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    return limit
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m studio.worker", description="Train one run (internal).")
     parser.add_argument("run_dir", type=Path)
@@ -105,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     sink = StoreSink(store, run_id)
+    cap = apply_memory_cap()
+    if cap:
+        sink.event(f"Memory cap for this run: {cap / 2**20:.0f} MiB (STUDIO_WORKER_MEMORY_MB)")
     print(f"=== run {run_id} started {time.strftime('%Y-%m-%d %H:%M:%S')} (pid {os.getpid()})", flush=True)
     code = 0
     try:

@@ -119,3 +119,82 @@ def test_queue_runs_one_at_a_time_and_moves_on_by_itself(jobs, tiny_model_dir):
     a, b = jobs.store.get_run(first.id), done
     assert a.status == RunStatus.COMPLETED and a.finished_at <= b.started_at
     assert [m.step for m in jobs.store.metrics(a.id)] == [m.step for m in jobs.store.metrics(b.id)]
+
+
+def test_out_of_memory_fails_with_the_reason_and_what_to_change(jobs, tiny_model_dir, monkeypatch):
+    # A real allocator failure: the run's heap is capped (STUDIO_WORKER_MEMORY_MB) well above what loading
+    # needs and far below what a 100-sample batch of 49k-vocabulary logits needs.
+    monkeypatch.setenv("STUDIO_WORKER_MEMORY_MB", "4000")
+    cfg = tiny_config(tiny_model_dir, max_steps=3, batch_size=128)
+    cfg.data.datasets = ["studio-facts", "studio-chats"]
+    cfg.data.cutoff_len = 256
+    run = jobs.submit(cfg)
+    done = jobs.wait(run.id, timeout=300)
+    assert done.status == RunStatus.FAILED
+    assert done.error.startswith("Out of memory")
+    assert "train.batch_size" in done.error and "gradient checkpointing" in done.error
+
+
+def test_unwritable_workspace_and_full_disk_are_refused_at_start(jobs, home, tiny_model_dir, monkeypatch):
+    from studio.jobs import JobError
+
+    monkeypatch.setenv("STUDIO_MIN_FREE_MB", str(10**12))  # more room than any disk has
+    with pytest.raises(JobError, match="MiB free on the disk"):
+        jobs.submit(tiny_config(tiny_model_dir, max_steps=3))
+    monkeypatch.delenv("STUDIO_MIN_FREE_MB")
+    runs = home / "runs"
+    runs.rmdir()
+    runs.write_text("not a folder")  # writes under runs/ now fail, also for root
+    with pytest.raises(JobError, match="not writable"):
+        jobs.submit(tiny_config(tiny_model_dir, max_steps=3))
+    assert jobs.store.list_runs() == []
+
+
+def test_a_store_locked_by_another_process_loses_no_metrics(jobs, home, tiny_model_dir):
+    import subprocess
+    import sys
+
+    locker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys, time\n"
+            "c = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)\n"
+            "end = time.time() + 25\n"
+            "while time.time() < end:\n"
+            "    c.execute('BEGIN EXCLUSIVE'); time.sleep(1.5); c.execute('COMMIT'); time.sleep(0.3)\n",
+            str(home / "studio.db"),
+        ]
+    )
+    try:
+        run = jobs.submit(tiny_config(tiny_model_dir, max_steps=40, save_steps=1000))
+        done = jobs.wait(run.id, timeout=300)
+    finally:
+        locker.kill()
+        locker.wait()
+    assert done.status == RunStatus.COMPLETED, done.error
+    assert [m.step for m in jobs.store.metrics(run.id) if m.loss is not None] == list(range(1, 41))
+
+
+def test_a_corrupt_checkpoint_is_named_and_the_previous_one_used(jobs, tiny_model_dir):
+    from studio.jobs import JobError
+
+    run = jobs.submit(tiny_config(tiny_model_dir, max_steps=5000, save_steps=5, save_total_limit=3))
+    wait_for(lambda: len(jobs.checkpoints(run.id)) >= 2)
+    jobs.abort(run.id)
+    assert jobs.wait(run.id, timeout=120).status == RunStatus.ABORTED
+    newest, previous = [path for path, _ in jobs.checkpoints(run.id)][:2]
+    (newest / "optimizer.pt").write_bytes(b"\x00" * 100)  # a half-written file
+
+    with pytest.raises(JobError) as err:
+        jobs.resume(run.id, newest.name)
+    assert f"{newest.name} cannot be resumed from: optimizer.pt is truncated or corrupt" in str(err.value)
+    assert previous.name in str(err.value)  # the usable one is offered
+
+    resumed = jobs.resume(run.id)
+    assert resumed.resume_from == str(previous)
+    messages = [e.message for e in jobs.store.events(run.id)]
+    assert any(newest.name in m and "skipped" in m for m in messages)
+    wait_for(lambda: jobs.store.get_run(run.id).step > checkpoint_step(previous))
+    jobs.abort(run.id)
+    assert jobs.wait(run.id, timeout=120).status == RunStatus.ABORTED
