@@ -33,7 +33,15 @@ TABS = (
 )
 
 
+def warm_imports() -> None:
+    """Import transformers' lazily-loaded classes once, on the main thread. Two request threads touching
+    them first at the same moment can fail with "cannot import name 'AutoConfig'" (the lazy module is
+    not thread-safe). This loads code only, no model: the page does not wait for any model."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+
 def build_app(home: Path | None = None) -> gr.Blocks:
+    warm_imports()
     ctx = UIContext(ensure_home(home or studio_home()))
     ctx.jobs.reconcile()  # runs whose worker died while no server was up become interrupted
     with gr.Blocks(title=TITLE) as app:
