@@ -126,6 +126,12 @@ def main(argv: list[str] | None = None) -> int:
         from studio.train import run_training
 
         config = RunConfig.load(run_dir / CONFIG_FILE)
+        if config.model.trust_remote_code:
+            sink.event(
+                "trust_remote_code is on: this run executes Python code shipped with the model "
+                f"'{config.model.source}'. Only do this for models whose code you trust.",
+                "warning",
+            )
         result = run_training(config, run_dir, sink, stop.is_set, resume_from=run.resume_from, home=home)
         if result.status == "completed":
             store.transition(

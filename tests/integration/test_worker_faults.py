@@ -3,6 +3,8 @@ an exception fails the run with its reason. Behaviour, not learning, is under te
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import contextlib
 import os
 import signal
@@ -99,9 +101,12 @@ def test_sigkill_is_marked_interrupted_and_resume_continues_the_curve(jobs, home
 
 
 def test_an_exception_fails_the_run_with_reason_and_log(jobs, tiny_model_dir):
+    # submit refuses a missing layer; a config.yaml edited by hand afterwards still fails clearly in the worker
     cfg = tiny_config(tiny_model_dir, max_steps=5)
+    run = jobs.submit(cfg, start=False)
     cfg.lora.target_modules = ["q_proj", "no_such_layer"]
-    run = jobs.submit(cfg)
+    cfg.save(Path(run.run_dir) / "config.yaml")
+    jobs.schedule()
     done = jobs.wait(run.id, timeout=120)
     assert done.status == RunStatus.FAILED
     assert "no_such_layer" in done.error and "q_proj" in done.error  # what is wrong and what exists
@@ -198,3 +203,12 @@ def test_a_corrupt_checkpoint_is_named_and_the_previous_one_used(jobs, tiny_mode
     wait_for(lambda: jobs.store.get_run(run.id).step > checkpoint_step(previous))
     jobs.abort(run.id)
     assert jobs.wait(run.id, timeout=120).status == RunStatus.ABORTED
+
+
+def test_trusting_remote_code_is_warned_about(jobs, tiny_model_dir):
+    cfg = tiny_config(tiny_model_dir, max_steps=2)
+    cfg.model.trust_remote_code = True
+    run = jobs.submit(cfg)
+    assert jobs.wait(run.id, timeout=120).status == RunStatus.COMPLETED
+    warnings = [e.message for e in jobs.store.events(run.id) if e.level == "warning"]
+    assert any("trust_remote_code is on" in m for m in warnings)
