@@ -205,7 +205,10 @@ def cmd_datasets(args: argparse.Namespace) -> int:
         print(json.dumps(entry.to_dict(), indent=2))
         return 0
     if args.action == "add":
+        from studio.data import CleanOptions
+
         cmap = json.loads(args.columns) if args.columns else None
+        clean_opts = CleanOptions(min_answer_chars=args.min_answer_chars, max_answer_chars=args.max_answer_chars)
         entry, report, clean = registry.add(
             args.name,
             Path(args.path),
@@ -213,6 +216,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
             column_map=cmap,
             description=args.description or "",
             skip_invalid=args.skip_invalid,
+            clean=clean_opts,
         )
         print(f"registered '{entry.name}': {entry.rows} rows, format {entry.format}")
         for issue in report.warnings[:20]:
@@ -252,6 +256,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- plan ---------------------------------------------------------------------------------------
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Exit 0 when the run fits (or the free memory is unknown), 1 when it does not."""
+    from studio.models import load_config, resolve_model
+    from studio.planner import device_free_memory, model_shapes, plan_device, plan_memory, report_text, suggestions
+
+    config = load_run_config(args.config, args.set)
+    device = args.device or plan_device(config.train.device)
+    model_config = load_config(resolve_model(config.model.source), config.model.trust_remote_code)
+    shapes = model_shapes(model_config)
+    plan = plan_memory(model_config, config, device, shapes)
+    available = device_free_memory(device)
+    fits = plan.fits(available)
+    tips = suggestions(model_config, config, available, device, shapes) if fits is False else []
+    print(report_text(plan, available, tips))
+    return 1 if fits is False else 0
+
+
 # -- misc ---------------------------------------------------------------------------------------
 def cmd_presets(args: argparse.Namespace) -> int:
     from studio.presets import list_presets
@@ -271,6 +293,12 @@ def cmd_model(args: argparse.Namespace) -> int:
     print(json.dumps(info, indent=2))
     print(f"LoRA r={args.r} on {args.targets}: {count.describe()}")
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from studio.doctor import run_doctor
+
+    return run_doctor(do_repair=args.repair, as_json=args.json)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -352,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--columns", help='column map as JSON, e.g. {"instruction": "question", "output": "answer"}')
     d.add_argument("--description")
     d.add_argument("--skip-invalid", action="store_true", help="drop bad rows (reported) instead of refusing")
+    d.add_argument("--min-answer-chars", type=int, default=1, help="cleaning: drop rows with a shorter answer")
+    d.add_argument("--max-answer-chars", type=int, help="cleaning: drop rows with a longer answer")
     d = dsub.add_parser("remove")
     d.add_argument("name")
     d = dsub.add_parser("import", help="import a LLaMA-Factory data folder's dataset_info.json")
@@ -367,8 +397,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_export)
 
+    s = sub.add_parser("plan", help="estimate a run's peak memory and whether it fits (no weights loaded)")
+    s.add_argument("config", help="a run config YAML, or a preset name (quick-demo)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. lora.r=8")
+    s.add_argument("--device", choices=["cpu", "cuda"], help="default: the config's device (auto: CUDA if visible)")
+    s.set_defaults(func=cmd_plan)
+
     s = sub.add_parser("presets", help="list presets")
     s.set_defaults(func=cmd_presets)
+
+    s = sub.add_parser("doctor", help="check the workspace (runs, store, datasets) and optionally repair it")
+    s.add_argument("--repair", action="store_true", help="fix what can be fixed safely (moves leftovers to trash/)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_doctor)
 
     s = sub.add_parser("model", help="inspect a model: linear layers and LoRA parameter count (no weights loaded)")
     s.add_argument("source", nargs="?", default="bundled")
@@ -392,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         return _fail(_one_line(err.problems))
     except (UsageError, DataError, ModelError, RunNotFound) as err:
-        return _fail(str(err).strip("'\""))
+        return _fail(" ".join(str(err).split()))  # one line; never strip quotes: messages open with 'file.json'
     except (JobError, ExportError, IllegalTransition) as err:
         return _fail(str(err), 1)
 

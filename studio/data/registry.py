@@ -29,6 +29,7 @@ ENTRY_FILE = "entry.json"
 BUNDLED_INFO = "dataset_info.json"
 MAX_NAME_LEN = 64
 DEFAULT_MAX_BYTES = 200 * 1024 * 1024
+MAX_MB_ENV = "STUDIO_MAX_DATASET_MB"
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 _GOOD_NAME = "e.g. 'support-chats-v2'"
 
@@ -89,6 +90,26 @@ def validate_dataset_name(name: str) -> str | None:
         f"The dataset name {name!r} {rule}. Use up to {MAX_NAME_LEN} letters, digits, '-', '_' or '.', "
         f"not starting with a dot, {_GOOD_NAME}."
     )
+
+
+def max_dataset_bytes() -> int:
+    """The size limit for a dataset file: STUDIO_MAX_DATASET_MB, read here only, so the CLI and the UI agree."""
+    raw = os.environ.get(MAX_MB_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_BYTES
+    try:
+        mb = float(raw)
+    except ValueError:
+        mb = -1.0
+    if not mb > 0:
+        raise DataError(
+            f"{MAX_MB_ENV}={raw!r} is not a size in MiB. Set it to a positive number (e.g. 500) or unset it."
+        )
+    return int(mb * 2**20)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 // 10 else f"{n} bytes"  # tiny limits stay readable
 
 
 def file_sha256(path: Path) -> str:
@@ -161,9 +182,12 @@ class DatasetRegistry:
         description: str = "",
         skip_invalid: bool = False,
         clean: CleanOptions = CleanOptions(),
-        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_bytes: int | None = None,
     ) -> tuple[DatasetEntry, ValidationReport, CleanReport]:
-        """Check everything, then copy the file in atomically. Raises DataError, changing nothing."""
+        """Check everything, then copy the file in atomically. Raises DataError, changing nothing.
+        `max_bytes` defaults to max_dataset_bytes() (STUDIO_MAX_DATASET_MB)."""
+        if max_bytes is None:
+            max_bytes = max_dataset_bytes()
         self._check_name(name)
         self._check_free(name)
         source = Path(source_path).expanduser()
@@ -173,8 +197,8 @@ class DatasetRegistry:
         size = source.stat().st_size
         if size > max_bytes:
             raise DataError(
-                f"'{source.name}' is {size / 2**20:.1f} MiB, over the {max_bytes / 2**20:.0f} MiB limit. "
-                "Use a smaller file (split it or drop rows), or raise the limit."
+                f"'{source.name}' is {_size(size)}, over the {_size(max_bytes)} limit. "
+                f"Use a smaller file (split it or drop rows), or raise the limit ({MAX_MB_ENV})."
             )
         sha = file_sha256(source)
         rows = read_rows(source)

@@ -412,9 +412,11 @@ def register_dataset(
     name: str = "",
     description: str = "",
     skip_invalid: bool = False,
+    clean: CleanOptions | None = None,
     **columns: str | None,
 ) -> tuple:
-    """Register the checked file -> (message, table, select). On failure only the message changes."""
+    """Register the checked file -> (message, table, select). On failure only the message changes.
+    The size limit is the engine's (STUDIO_MAX_DATASET_MB), the same as the CLI's."""
     registry = DatasetRegistry(home)
     name = (name or "").strip()
     try:
@@ -428,7 +430,13 @@ def register_dataset(
         elif fmt and fmt != "auto":
             chosen = fmt
         entry, report, clean = registry.add(
-            name, source, fmt=chosen, column_map=cmap, description=description or "", skip_invalid=bool(skip_invalid)
+            name,
+            source,
+            fmt=chosen,
+            column_map=cmap,
+            description=description or "",
+            skip_invalid=bool(skip_invalid),
+            clean=clean or CleanOptions(),
         )
     except DataError as err:
         return error_message(err), gr.update(), gr.update()

@@ -345,6 +345,96 @@ def group_for_targets(targets: Sequence[str], layers: Sequence[str]) -> str:
     return CUSTOM
 
 
+# -- memory plan --------------------------------------------------------------------------------
+
+# The form fields the memory estimate depends on: the plan panel follows these.
+PLAN_KEYS = (
+    "model.source",
+    "lora.r",
+    "lora.dropout",
+    "lora.use_dora",
+    TARGET_GROUP,
+    "lora.target_modules",
+    QLORA,
+    "quant.mode",
+    "quant.quant_type",
+    "quant.double_quant",
+    "quant.compute_dtype",
+    "train.compute_type",
+    "train.device",
+    "train.batch_size",
+    "train.grad_accum",
+    "train.optimizer",
+    "train.gradient_checkpointing",
+    "data.cutoff_len",
+)
+
+
+def _model_for_plan(source: str, trust: bool) -> tuple:
+    with _INSPECT_LOCK:
+        return _model_for_plan_cached(source, trust)
+
+
+@functools.lru_cache(maxsize=8)
+def _model_for_plan_cached(source: str, trust: bool) -> tuple:
+    """(HF config, planner shapes) per model source: the skeleton is built once, not on every keystroke."""
+    from studio.models import load_config, resolve_model
+    from studio.planner import model_shapes
+
+    config = load_config(resolve_model(source), trust)
+    return config, model_shapes(config)
+
+
+def plan_text(cfg: RunConfig, available: int | None = None, device: str | None = None) -> str:
+    """The memory estimate as markdown: breakdown, free memory, a warning and the fixes when it won't fit.
+    `available` and `device` default to the machine's own."""
+    from studio.models import ModelError
+    from studio.planner import PlanError, device_free_memory, fmt_bytes, plan_device, plan_memory, suggestions
+
+    device = device or plan_device(cfg.train.device)
+    try:
+        model_config, shapes = _model_for_plan(cfg.model.source or "bundled", bool(cfg.model.trust_remote_code))
+        plan = plan_memory(model_config, cfg, device, shapes)
+    except PlanError as err:
+        return "**Memory estimate:** fix the form first:\n" + "\n".join(f"- {p}" for p in err.problems)
+    except (ModelError, ImportError, OSError, ValueError, TypeError) as err:
+        return f"**Memory estimate:** cannot read `{cfg.model.source}`: {err}"
+    if available is None:
+        available = device_free_memory(device)
+    rows = [f"| {i.name} | {fmt_bytes(i.bytes)} | {i.why} |" for i in plan.items]
+    lines = [
+        f"**Memory estimate: {fmt_bytes(plan.total_bytes)}** peak on {device}"
+        f" ({cfg.train.batch_size} x {cfg.data.cutoff_len} tokens per step)",
+        "",
+        "| item | estimate | why |",
+        "|---|---:|---|",
+        *rows,
+        "",
+    ]
+    fits = plan.fits(available)
+    if fits is None:
+        lines.append(f"Free memory on {device}: unknown.")
+    elif fits:
+        lines.append(f"Free memory on {device}: {fmt_bytes(available)}. It fits.")
+    else:
+        lines.append(
+            f"⚠️ **Will not fit:** {fmt_bytes(plan.total_bytes)} needed, {fmt_bytes(available)} free on {device}. "
+            "Changes that help, one at a time:"
+        )
+        for tip in suggestions(model_config, cfg, available, device, shapes):
+            mark = "fits" if tip.plan.fits(available) else "still too big"
+            lines.append(f"- {tip.change}: {fmt_bytes(tip.plan.total_bytes)} ({mark})")
+    return "\n".join(lines)
+
+
+def plan_from_form(*values: Any) -> str:
+    try:
+        cfg = config_from_form(values)
+    except ConfigError as err:
+        return error_message(err)
+    return plan_text(cfg)
+
+
 # -- command box --------------------------------------------------------------------------------
 
 
@@ -705,6 +795,8 @@ def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:
     with gr.Row():
         w["model.trust_remote_code"] = _widget("model.trust_remote_code", initial["model.trust_remote_code"])
         params = gr.Markdown("Trainable parameters: reading the model...", elem_id="train-params")
+    with gr.Accordion("Memory: will it fit?", open=True):
+        plan = gr.Markdown("Memory estimate: reading the model...", elem_id="train-plan")
     for title, keys in SECTIONS:
         with gr.Accordion(title, open=True), gr.Row(equal_height=False):
             for key in keys:
@@ -754,6 +846,7 @@ def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:
     targets.input(group_for_targets, [targets, layers], w[TARGET_GROUP], api_name=False)
     param_keys = ("model.source", "lora.r", "lora.use_dora", "lora.bias", TARGET_GROUP, "lora.target_modules")
     gr.on([w[k].change for k in param_keys], params_from_form, form, params, trigger_mode="always_last", api_name=False)
+    gr.on([w[k].change for k in PLAN_KEYS], plan_from_form, form, plan, trigger_mode="always_last", api_name=False)
     gr.on([*(c.change for c in form), preset.change], command_from_form, [preset, *form], command,
           trigger_mode="always_last", api_name=False)  # fmt: skip
 
@@ -826,7 +919,7 @@ def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:
     # Page load (and so every reload) re-attaches to the newest active run and reads the model's layers.
     Context.root_block.load(on_load, load_inputs, load_outputs, api_name=False).then(
         params_from_form, form, params, api_name=False
-    )
+    ).then(plan_from_form, form, plan, api_name=False)
     if tab is not None:
         # New datasets registered in the Datasets tab and runs started from the CLI appear on selection.
         tab.select(on_load, load_inputs, load_outputs, api_name=False)

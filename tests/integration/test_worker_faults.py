@@ -3,12 +3,11 @@ an exception fails the run with its reason. Behaviour, not learning, is under te
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import contextlib
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 

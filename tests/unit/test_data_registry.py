@@ -213,7 +213,8 @@ def test_validation_failure_carries_the_report(registry, tmp_path):
 
 
 def test_size_limit_message(registry, alpaca_file):
-    with pytest.raises(DataError, match=r"'facts.json' is 0.0 MiB, over the 0 MiB limit. Use a smaller file"):
+    expected = r"^'facts\.json' is 234 bytes, over the 10 bytes limit\. Use a smaller file .*STUDIO_MAX_DATASET_MB\)\.$"
+    with pytest.raises(DataError, match=expected):
         registry.add("big", alpaca_file, max_bytes=10)
 
 

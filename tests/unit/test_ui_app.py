@@ -2,12 +2,42 @@
 
 from studio.ui.app import build_app
 
-REQUIRED_IDS = """
-ds-upload ds-name ds-format ds-register ds-preview ds-message train-model train-preset train-dataset lora-r
-lora-alpha lora-dropout lora-targets compute-type qlora train-lr train-max-steps train-start train-abort
-train-status train-progress loss-plot train-log train-command runs-table chat-adapter chat-load chat-input
-chat-send chatbot chat-compare export-run export-merge export-message
-""".split()
+REQUIRED_IDS = [
+    "ds-upload",
+    "ds-name",
+    "ds-format",
+    "ds-register",
+    "ds-preview",
+    "ds-message",
+    "train-model",
+    "train-preset",
+    "train-dataset",
+    "lora-r",
+    "lora-alpha",
+    "lora-dropout",
+    "lora-targets",
+    "compute-type",
+    "qlora",
+    "train-lr",
+    "train-max-steps",
+    "train-start",
+    "train-abort",
+    "train-status",
+    "train-progress",
+    "loss-plot",
+    "train-log",
+    "train-command",
+    "runs-table",
+    "chat-adapter",
+    "chat-load",
+    "chat-input",
+    "chat-send",
+    "chatbot",
+    "chat-compare",
+    "export-run",
+    "export-merge",
+    "export-message",
+]
 
 REQUIRED_ENDPOINTS = {
     "register_dataset",
@@ -38,4 +68,4 @@ def test_every_promised_elem_id_exists_once(home):
 def test_main_endpoints_are_named(home):
     app = build_app(home)
     names = {fn.api_name for fn in app.fns.values() if fn.api_name}
-    assert REQUIRED_ENDPOINTS <= names, REQUIRED_ENDPOINTS - names
+    assert names >= REQUIRED_ENDPOINTS, REQUIRED_ENDPOINTS - names

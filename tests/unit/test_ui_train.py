@@ -260,3 +260,46 @@ def test_loss_figure_has_train_smoothed_and_eval_traces():
     assert list(fig.data[2].x) == [5] and list(fig.data[2].y) == [6.5]
     assert charts.loss_figure([]).data == ()
     assert len(charts.run_figures(metrics)) == 5
+
+
+# -- the memory plan panel ------------------------------------------------------------------------
+
+
+def tiny_run(model_dir, **train) -> RunConfig:
+    return RunConfig.from_dict(
+        {"model": {"source": str(model_dir)}, "data": {"cutoff_len": 128}, "train": {"batch_size": 4, **train}}
+    )
+
+
+def test_plan_panel_shows_breakdown_and_fits(tiny_model_dir):
+    text = T.plan_text(tiny_run(tiny_model_dir), available=100 * 2**30, device="cpu")
+    assert text.startswith("**Memory estimate:")
+    for item in ("base weights", "LoRA weights", "gradients", "optimizer states", "activations", "logits and loss"):
+        assert f"| {item} |" in text
+    assert "It fits" in text and "Will not fit" not in text
+
+
+def test_plan_panel_warns_and_offers_fixes_with_estimates(tiny_model_dir):
+    text = T.plan_text(tiny_run(tiny_model_dir), available=2**20, device="cpu")
+    assert "**Will not fit:**" in text
+    for change in (
+        "QLoRA",
+        "batch 4 -> 2, accumulation 4 -> 8",
+        "cutoff 128 -> 64",
+        "checkpointing on",
+        "rank 16 -> 8",
+    ):
+        line = next(x for x in text.splitlines() if change in x)
+        assert line.startswith("- ") and ("MB" in line or "GB" in line) and "still too big" in line
+
+
+def test_plan_panel_names_problems_instead_of_guessing(tiny_model_dir):
+    text = T.plan_text(tiny_run(tiny_model_dir, compute_type="fp16", device="cpu"), available=2**40, device="cpu")
+    assert "fix the form first" in text and "fp16" in text
+
+
+def test_plan_from_form_reads_the_form(tiny_model_dir):
+    values = T.form_from_config(tiny_run(tiny_model_dir, gradient_checkpointing=True))
+    assert len(values) == len(T.FORM_KEYS)
+    text = T.plan_from_form(*values)
+    assert "checkpointing: 2 layer inputs" in text

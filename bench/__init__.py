@@ -1,0 +1,1 @@
+"""Benchmarks: each module has `main() -> int` and writes its results as JSON under bench/results/."""
