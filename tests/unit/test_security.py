@@ -70,3 +70,22 @@ def test_export_folder_names_cannot_escape(home):
     for bad in ("../x", "a/b", "..", "/etc", "x\ny", "a\x00b"):
         with pytest.raises(ValueError, match="not allowed"):
             target_dir(ctx, "run1", "merged", bad)
+
+
+def test_serve_binds_loopback_by_default(monkeypatch):
+    from studio.cli import build_parser
+
+    monkeypatch.delenv("STUDIO_HOST", raising=False)
+    args = build_parser().parse_args(["serve"])
+    assert args.host == "127.0.0.1" and args.port == 7860 and not args.insecure
+
+
+def test_uploaded_file_names_cannot_place_files_outside_the_dataset_folder(home, tmp_path):
+    from studio.data import DatasetRegistry
+
+    weird = tmp_path / "..%2f..%2fescape.jsonl"  # a hostile client-side name arrives as one path component
+    weird.write_text('{"instruction": "q", "output": "a"}\n')
+    entry, *_ = DatasetRegistry(home).add("safe-name", weird)
+    stored = (home / "datasets" / entry.file).resolve()
+    assert stored.is_file() and (home / "datasets" / "safe-name") in stored.parents
+    assert sorted(p.name for p in (home / "datasets").iterdir()) == ["safe-name"]
