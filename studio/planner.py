@@ -72,6 +72,7 @@ class ModelShapes:
     linears: tuple[LinearShape, ...]
     other_params: int  # every parameter not in a linear layer (embeddings, norms), shared ones once
     eager_attention: bool  # eager attention keeps the heads x seq x seq score matrices for backward
+    file_dtype: str | None = None  # the dtype the weights are stored in on disk (config.json "dtype"), if known
 
     @property
     def linear_names(self) -> list[str]:
@@ -100,13 +101,28 @@ class MemoryPlan:
     items: tuple[Item, ...]
     trainable_params: int
     tokens_per_step: int  # batch x cutoff: the worst case the plan assumes
+    # What loading adds on top of the runtime overhead, before training starts (empty: loading peaks lower).
+    load_items: tuple[Item, ...] = ()
+
+    @property
+    def training_bytes(self) -> int:
+        return sum(i.bytes for i in self.items)
+
+    @property
+    def loading_bytes(self) -> int:
+        """Peak while the weights load: the load items plus the runtime overhead already there."""
+        if not self.load_items:
+            return 0
+        overhead = sum(i.bytes for i in self.items if i.name == "overhead")
+        return sum(i.bytes for i in self.load_items) + overhead
 
     @property
     def total_bytes(self) -> int:
-        return sum(i.bytes for i in self.items)
+        """The peak: loading and training happen one after the other, so the larger of the two."""
+        return max(self.training_bytes, self.loading_bytes)
 
     def item(self, name: str) -> Item:
-        return next(i for i in self.items if i.name == name)
+        return next(i for i in (*self.items, *self.load_items) if i.name == name)
 
     def fits(self, available_bytes: int | None) -> bool | None:
         """None when the free memory is unknown."""
@@ -114,7 +130,12 @@ class MemoryPlan:
 
     def describe(self) -> str:
         width = max(len(i.name) for i in self.items)
+        width = max([width, 14, *(len(i.name) for i in self.load_items)])
         rows = [f"{i.name:<{width}}  {fmt_bytes(i.bytes):>9}  {i.why}" for i in self.items]
+        if self.load_items:
+            rows.append(f"{'training peak':<{width}}  {fmt_bytes(self.training_bytes):>9}")
+            rows += [f"{i.name:<{width}}  {fmt_bytes(i.bytes):>9}  {i.why}" for i in self.load_items]
+            rows.append(f"{'loading peak':<{width}}  {fmt_bytes(self.loading_bytes):>9}  load items + overhead")
         rows.append(f"{'total':<{width}}  {fmt_bytes(self.total_bytes):>9}  peak estimate on {self.device}")
         return "\n".join(rows)
 
@@ -172,7 +193,13 @@ def shapes_from_skeleton(skeleton: Any, cfg: Any, output_names: set[str]) -> Mod
         linears=tuple(linears),
         other_params=int(other),
         eager_attention=getattr(cfg, "_attn_implementation", None) == "eager",
+        file_dtype=_dtype_name(getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)),
     )
+
+
+def _dtype_name(dtype: Any) -> str | None:
+    name = str(dtype).removeprefix("torch.") if dtype is not None else ""
+    return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(name)
 
 
 def _is_tied(skeleton: Any, module: Any) -> bool:
@@ -246,7 +273,9 @@ def lora_param_count(shapes: ModelShapes, run: RunConfig) -> int:
     return total
 
 
-def base_weight_bytes(shapes: ModelShapes, run: RunConfig) -> tuple[int, str]:
+def base_weight_bytes(shapes: ModelShapes, run: RunConfig, rest_width: int = 4) -> tuple[int, str]:
+    """The base model's weights while training. `rest_width`: bytes per non-quantized parameter of a
+    quantized base (4 after prepare_model_for_kbit_training; the load dtype's width while loading)."""
     q = run.quant
     n_quantizable = sum(x.out_features * x.in_features for x in shapes.linears if not x.output_layer)
     n_rest = shapes.total_params - n_quantizable
@@ -267,10 +296,10 @@ def base_weight_bytes(shapes: ModelShapes, run: RunConfig) -> tuple[int, str]:
         how = f"{q.quant_type.upper()} 0.5 B + {'8-bit double-quantized' if q.double_quant else 'fp32'} block scales"
     # peft's prepare_model_for_kbit_training casts every non-quantized parameter (embeddings, norms, LM head)
     # to fp32 for stable training, whatever dtype they were loaded in.
-    rest = n_rest * 4
+    rest = n_rest * rest_width
     why = (
         f"{n_quantizable / 1e6:,.1f} M linear params in {how}; "
-        f"{n_rest / 1e6:,.1f} M others (embeddings, norms, head) fp32"
+        f"{n_rest / 1e6:,.1f} M others (embeddings, norms, head) {rest_width} B"
     )
     return int(quantized + rest), why
 
@@ -288,23 +317,32 @@ def optimizer_bytes(shapes: ModelShapes, run: RunConfig, trainable: int) -> tupl
     return factored * 4, "Adafactor: fp32 row + column factors per LoRA matrix"
 
 
-def activation_bytes_per_token_layer(shapes: ModelShapes, run: RunConfig) -> int:
+def activation_bytes_per_token_layer(shapes: ModelShapes, run: RunConfig, device: str = "cuda") -> int:
     """Bytes autograd keeps per token per decoder layer for a Llama-style block with LoRA.
 
-    The frozen base linears save nothing (their input gradient needs only the weight); what is kept:
+    Counted with a saved_tensors_hooks probe on the bundled model (`python -m bench`, "saved_for_backward"):
+    the frozen base linears save nothing (their input gradient needs only the weight); what is kept:
     - each RMSNorm keeps an fp32 copy of its input: 2 x 4h;
-    - SDPA keeps q, k, v (KV heads repeated to h) and its output: 4h;
-    - the MLP keeps gate, silu(gate) and up for the product's backward: 3i;
-    - each adapted module keeps its LoRA input: with dropout, its own dropped-out copy plus a 1-byte mask;
-      without, the shared input once (norm output for q/k/v and gate/up; o_proj reuses SDPA's output;
-      down_proj needs the MLP product); plus the r-wide LoRA A output;
+    - SDPA keeps q, k, v (KV heads repeated to h when a mask is given) and its output: 4h; with a
+      block-diagonal mask (packing) each layer also keeps its own seq-wide mask row per token (seq x b);
+    - the MLP keeps gate, silu(gate) and up for the product's backward: 3i; in fp32 on a quantized base
+      (peft upcasts the norms to fp32, so the residual stream and the 4/8-bit linears' outputs are fp32);
+    - each adapted module with dropout: peft casts its input to the adapters' fp32, dropout keeps its
+      mask (on CPU a full fp32 tensor, torch's non-fused dropout; on CUDA the fused kernel's 1-byte
+      mask), and lora_A keeps the dropped-out input in the compute width b; without dropout, the
+      shared input once (norm output for q/k/v and gate/up; o_proj reuses SDPA's output; down_proj
+      needs the MLP product); plus the r-wide LoRA A output;
     - eager attention (not SDPA) also keeps the scores and softmax: 2 x heads x seq per token.
     Values are in the activation width b (compute dtype); norm copies are fp32.
     """
     b = DTYPE_BYTES[run.train.compute_type]
     h, i = shapes.hidden, shapes.intermediate
-    per_token = 2 * 4 * h + 4 * h * b + 3 * i * b
+    mlp_b = 4 if run.quant.mode != "none" else b
+    per_token = 2 * 4 * h + 4 * h * b + 3 * i * mlp_b
+    if run.data.packing:
+        per_token += run.data.cutoff_len * b
     dropout = run.lora.dropout > 0
+    mask_width = 4 if device == "cpu" else 1
     layers = max(1, shapes.layers)
     adapted = 0.0  # summed over the whole model, then averaged per layer
     shared: dict[tuple[str, int], int] = {}
@@ -312,7 +350,7 @@ def activation_bytes_per_token_layer(shapes: ModelShapes, run: RunConfig) -> int
     for lin in _targets(shapes, run):
         adapted += run.lora.r * b
         if dropout:
-            adapted += lin.in_features * (b + 1)
+            adapted += lin.in_features * (b + mask_width)
         elif lin.name != "o_proj":  # o_proj's input is SDPA's output, already kept
             key = (groups.get(lin.name, lin.name), lin.in_features)
             shared[key] = shared.get(key, 0) + lin.in_features * b
@@ -326,6 +364,39 @@ def activation_bytes_per_token_layer(shapes: ModelShapes, run: RunConfig) -> int
     if shapes.eager_attention:
         per_token += 2 * shapes.heads * run.data.cutoff_len * b
     return int(per_token)
+
+
+def load_items(shapes: ModelShapes, run: RunConfig, device: str) -> tuple[Item, ...]:
+    """What loading holds at its peak on CPU, measured by `python -m bench` (phase "load").
+
+    transformers 5 maps the safetensors file. Loaded in the dtype it is stored in, the parameters are views
+    of the mapping: file pages fault in as the weights are used, nothing is copied, and the base-weights
+    item already counts them. Loaded in another dtype or quantized, every tensor is read through the mapping
+    (its pages stay resident until loading returns) and converted into a new copy: the peak is the whole
+    file plus the converted weights (for 4/8-bit: the quantized linears plus the rest in the load dtype,
+    before peft upcasts it). On CUDA the file pages are host memory, not device memory: nothing to add."""
+    if device != "cpu" or shapes.file_dtype not in DTYPE_BYTES:
+        return ()
+    q = run.quant
+    load_dtype = (q.compute_dtype if q.mode == "4bit" else run.train.compute_type) if q.mode != "none" else None
+    if q.mode == "none" and run.train.compute_type == shapes.file_dtype:
+        return ()
+    file_bytes = shapes.total_params * DTYPE_BYTES[shapes.file_dtype]
+    if q.mode == "none":
+        copy, why = base_weight_bytes(shapes, run)
+        why = f"converted from {shapes.file_dtype}: {why}"
+    else:
+        copy, why = base_weight_bytes(shapes, run, DTYPE_BYTES[load_dtype or "fp32"])
+        why = f"quantized while loading: {why}"
+    return (
+        Item(
+            "loading: file pages",
+            file_bytes,
+            f"the mapped weight file, {shapes.total_params / 1e6:,.1f} M params x "
+            f"{DTYPE_BYTES[shapes.file_dtype]} B ({shapes.file_dtype}), resident until loading returns",
+        ),
+        Item("loading: weights", copy, why),
+    )
 
 
 def plan_memory(
@@ -348,7 +419,7 @@ def plan_memory(
 
     weights, weights_why = base_weight_bytes(shapes, run)
     opt, opt_why = optimizer_bytes(shapes, run, trainable)
-    per_layer = activation_bytes_per_token_layer(shapes, run)
+    per_layer = activation_bytes_per_token_layer(shapes, run, device)
     if run.train.gradient_checkpointing:
         # Only each layer's input survives the forward; backward recomputes one layer at a time.
         acts = tokens * (shapes.layers * shapes.hidden * b + per_layer)
@@ -369,6 +440,11 @@ def plan_memory(
         Item("activations", int(acts), acts_why),
         Item("logits and loss", int(logits), f"{tokens:,} tokens x vocab {shapes.vocab:,} x {logit_width} B"),
     ]
+    if run.quant.mode != "none" and b != 4:
+        # peft upcasts the LM head to fp32; under autocast its matmul keeps a compute-dtype copy for backward.
+        head = sum(x.out_features * x.in_features for x in shapes.linears if x.output_layer)
+        head = head or shapes.vocab * shapes.hidden  # tied head: the embedding matrix
+        items.append(Item("LM head cast", head * b, "autocast's compute-dtype copy of the fp32 LM head, per forward"))
     if run.quant.mode != "none":
         # bitsandbytes dequantizes one weight at a time to the compute dtype for each matmul.
         largest = max(x.out_features * x.in_features for x in shapes.linears if not x.output_layer)
@@ -378,7 +454,13 @@ def plan_memory(
         items.append(Item("overhead", CUDA_CONTEXT_BYTES, "CUDA context and kernels (not in max_memory_allocated)"))
     else:
         items.append(Item("overhead", CPU_RUNTIME_BYTES, "Python/torch/peft runtime, measured (python -m bench)"))
-    return MemoryPlan(device=device, items=tuple(items), trainable_params=trainable, tokens_per_step=tokens)
+    return MemoryPlan(
+        device=device,
+        items=tuple(items),
+        trainable_params=trainable,
+        tokens_per_step=tokens,
+        load_items=load_items(shapes, run, device),
+    )
 
 
 # -- what would make it fit -----------------------------------------------------------------------
