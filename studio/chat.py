@@ -73,7 +73,8 @@ class ChatSession:
         from studio.config import QuantSpec
 
         self.resolved = resolve_model(self.source)
-        quant = QuantSpec(mode=self.quant_mode) if self.quant_mode != "none" else None
+        # A 4-bit base unpacks its weights to the chosen compute type per matmul; 8-bit ignores it.
+        quant = QuantSpec(mode=self.quant_mode, compute_dtype=self.dtype) if self.quant_mode != "none" else None
         self._tokenizer = load_tokenizer(self.resolved)
         self._model = load_model(self.resolved, dtype=self.dtype, quant=quant)
         self._model.eval()
@@ -81,6 +82,15 @@ class ChatSession:
     @property
     def loaded(self) -> bool:
         return self._model is not None
+
+    @property
+    def weights_in(self) -> str:
+        """How the loaded base really holds its weights ('4bit', '8bit' or its dtype), read from the model."""
+        if getattr(self._model, "is_loaded_in_4bit", False):
+            return "4bit"
+        if getattr(self._model, "is_loaded_in_8bit", False):
+            return "8bit"
+        return str(next(self._model.parameters()).dtype).removeprefix("torch.")
 
     def add_adapter(self, name: str, adapter_dir: str | Path) -> None:
         """Load an adapter under a name and make it active."""

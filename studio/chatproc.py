@@ -455,6 +455,7 @@ class _Server:
                 name=s.resolved.name if s.resolved else s.source,
                 dtype=s.dtype,
                 quant_mode=s.quant_mode,
+                weights_in=s.weights_in,
                 adapters=dict(s.adapters),
                 active=s.active,
             )

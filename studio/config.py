@@ -278,8 +278,25 @@ def _cross_checks(cfg: RunConfig) -> list[str]:
         p.append("PiSSA init needs full-precision base weights: set lora.init to 'default' or turn quantization off.")
     if cfg.quant.mode != "none" and cfg.lora.bias != "none":
         p.append("Bias training is not supported on a quantized base: set lora.bias to 'none'.")
-    if cfg.train.device == "cpu" and cfg.train.compute_type == "fp16":
+    if cfg.train.device in ("cpu", "cuda", "mps"):
+        p += device_problems(cfg, cfg.train.device)
+    return p
+
+
+def device_problems(cfg: RunConfig, device: str) -> list[str]:
+    """Combinations a device refuses. validate() asks when the device is fixed; check_runtime once 'auto'
+    has resolved, so the same words reach the user either way."""
+    p: list[str] = []
+    if device == "cpu" and cfg.train.compute_type == "fp16":
         p.append("fp16 training needs a GPU (no fp16 loss scaling on CPU): use fp32 or bf16 on CPU.")
+    if device == "mps" and cfg.quant.mode != "none":
+        p.append(
+            "Quantization (bitsandbytes) has no Apple MPS backend: set quant.mode to 'none', "
+            "or train.device to 'cpu' (slow) or a CUDA GPU."
+        )
+    if device == "cpu" and cfg.quant.mode == "8bit" and cfg.lora.use_dora:
+        # bitsandbytes 0.50's CPU int8 matmul loses its scales once DoRA has read the weights (AttributeError).
+        p.append("DoRA on an 8-bit base fails on CPU: use quant.mode '4bit' or 'none', or turn lora.use_dora off.")
     return p
 
 

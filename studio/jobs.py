@@ -38,6 +38,9 @@ def min_free_bytes() -> int:
     return int(float(os.environ.get("STUDIO_MIN_FREE_MB", "200")) * 2**20)
 
 
+SPAWNED_ENV = "STUDIO_WORKER_SPAWNED"  # set by the queue: the worker waits for its row, never claims it
+
+
 class JobError(RuntimeError):
     """A queue action that cannot be done; the message says why."""
 
@@ -235,6 +238,7 @@ class JobManager:
         run_dir = Path(run.run_dir)
         cmd = [sys.executable, "-m", "studio.worker", str(run_dir)]
         env = dict(os.environ, STUDIO_HOME=str(self.home), PYTHONUNBUFFERED="1")
+        env[SPAWNED_ENV] = "1"
         with open(run_dir / LOG_FILE, "ab") as log:
             proc = subprocess.Popen(
                 cmd,

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import random
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from studio.config import BNB_OPTIMIZERS, RunConfig
+from studio.config import BNB_OPTIMIZERS, RunConfig, device_problems
 from studio.models import (
     ResolvedModel,
     detect_device,
@@ -179,19 +180,38 @@ def lora_config(config: RunConfig, available: list[str]):
 
 
 def check_runtime(config: RunConfig, device: str) -> None:
-    """Combinations the hardware refuses, caught before minutes of loading."""
+    """Combinations the hardware refuses, caught before minutes of loading; every reason in one message."""
     import torch
 
-    ct = config.train.compute_type
-    if device == "cpu" and ct == "fp16":
-        raise TrainingError("fp16 training needs a GPU (no fp16 loss scaling on CPU). Use fp32 or bf16 on CPU.")
-    if device == "cuda" and ct == "bf16" and not torch.cuda.is_bf16_supported():
-        raise TrainingError("This GPU has no bf16 support. Use fp16 (with loss scaling) or fp32.")
-    if config.quant.mode != "none":
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError as err:
-            raise TrainingError("Quantized training needs bitsandbytes: pip install bitsandbytes") from err
+    problems = device_problems(config, device)
+    if device == "cuda" and not torch.cuda.is_bf16_supported():
+        if config.train.compute_type == "bf16":
+            problems.append("This GPU has no bf16 support: set train.compute_type to fp16 (with loss scaling) or fp32.")
+        if config.quant.mode == "4bit" and config.quant.compute_dtype == "bf16":
+            problems.append("This GPU has no bf16 support: set quant.compute_dtype to fp16.")
+    if config.quant.mode != "none" and not bnb_available():
+        problems.append("Quantized training needs bitsandbytes: pip install bitsandbytes (or set quant.mode to none).")
+    if problems:
+        raise TrainingError(" ".join(problems))
+
+
+def bnb_available() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def resolve_optimizer(name: str, device: str, have_bnb: bool = True) -> tuple[str, str | None]:
+    """The optimizer the Trainer gets on this device, and why it differs from the one asked for (or None)."""
+    if name not in BNB_OPTIMIZERS:
+        return name, None
+    if device == "mps" or not have_bnb:
+        why = "bitsandbytes has no Apple MPS backend" if device == "mps" else "bitsandbytes is not installed"
+        return "adamw_torch", f"{name} needs bitsandbytes and {why}: using adamw_torch (32-bit states, more memory)."
+    if device == "cpu" and name.startswith("paged_"):
+        # Paging moves optimizer states to CPU RAM through CUDA unified memory; on CPU they live there already.
+        # transformers has no plain "adamw_32bit": 32-bit AdamW is torch's own.
+        plain = {"paged_adamw_8bit": "adamw_8bit", "paged_adamw_32bit": "adamw_torch"}[name]
+        return plain, f"{name}: paging needs CUDA unified memory; on CPU the states are in RAM already: using {plain}."
+    return name, None
 
 
 def _peak_memory_mb(device: str) -> float:
@@ -207,10 +227,7 @@ def _training_args(config: RunConfig, run_dir: Path, device: str, has_eval: bool
     from transformers import TrainingArguments
 
     t = config.train
-    optim = t.optimizer
-    if device != "cuda" and optim.startswith("paged_"):
-        # Paged optimizers page states to CPU through CUDA unified memory; on CPU they are plain ones.
-        optim = optim.replace("paged_", "")
+    optim, _ = resolve_optimizer(t.optimizer, device, bnb_available())
     return TrainingArguments(
         output_dir=str(run_dir / CHECKPOINTS_DIR),
         per_device_train_batch_size=t.batch_size,
@@ -367,9 +384,15 @@ def run_training(
     quant = config.quant if config.quant.mode != "none" else None
     model = load_model(resolved, config.train.compute_type, quant, device, config.model.trust_remote_code)
     if quant is not None:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.train.gradient_checkpointing)
+        # Freezes the quantized base and upcasts the rest to fp32; non-reentrant checkpointing passes
+        # gradients back to the LoRA weights without making the inputs require grad.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=config.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     elif config.train.gradient_checkpointing:
-        model.enable_input_require_grads()
+        model.enable_input_require_grads()  # the frozen embeddings' output must carry grad into checkpoints
     model.config.use_cache = False
     available = linear_layer_names(model)
     model = get_peft_model(model, lora_config(config, available))
@@ -377,12 +400,9 @@ def run_training(
     sink.event(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
 
     args = _training_args(config, run_dir, device, bool(data.eval))
-    if config.train.optimizer in BNB_OPTIMIZERS and device != "cuda":
-        sink.event(
-            f"{config.train.optimizer}: bitsandbytes runs it on CPU"
-            + (" without paging (paging needs CUDA unified memory)" if "paged" in config.train.optimizer else ""),
-            "warning",
-        )
+    _, optimizer_note = resolve_optimizer(config.train.optimizer, device, bnb_available())
+    if optimizer_note:
+        sink.event(optimizer_note, "warning")
     counter = TokenCounter()
     callback = _studio_callback(sink, should_stop, counter, device)
     trainer = Trainer(

@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 
 from studio.config import ConfigError, RunConfig
-from studio.jobs import CONFIG_FILE, JobManager, process_start_token
+from studio.jobs import CONFIG_FILE, SPAWNED_ENV, JobManager, process_start_token
 from studio.paths import db_path, studio_home
 from studio.store import RunStatus, Store
 
@@ -97,9 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     run_id = run_dir.name
     run = store.get_run(run_id)
 
-    if run.status == RunStatus.QUEUED:  # started by hand rather than by the queue
+    if os.environ.pop(SPAWNED_ENV, None) == "1":
+        # Started by the queue, which marks the row running with this pid right after starting us; with the
+        # store busy that write can land after we look, so wait for it rather than race it.
+        deadline = time.monotonic() + 120
+        while run.status == RunStatus.QUEUED and time.monotonic() < deadline:
+            time.sleep(0.1)
+            run = store.get_run(run_id)
+    elif run.status == RunStatus.QUEUED:  # started by hand rather than by the queue
         store.transition(run_id, RunStatus.RUNNING, pid=os.getpid(), pid_started=process_start_token(os.getpid()))
-    elif run.status != RunStatus.RUNNING or run.pid != os.getpid():
+        run = store.get_run(run_id)
+    if run.status != RunStatus.RUNNING or run.pid != os.getpid():
         print(
             f"Run {run_id} is {run.status.value} (pid {run.pid}); this worker (pid {os.getpid()}) will not run it.",
             file=sys.stderr,

@@ -18,6 +18,7 @@ import gradio as gr
 
 from studio.chat import BASE, GenerationSettings
 from studio.chatproc import ChatError, ChatProcess
+from studio.config import QUANT_MODES
 from studio.models import BUNDLED, DTYPES
 from studio.store import RunNotFound, RunStatus, Store
 from studio.ui.common import UIContext, error_message
@@ -165,7 +166,7 @@ def status_markdown(info: dict, note: str = "") -> str:
             memory += f" RAM, {info['cuda_mb']:,.0f} MB GPU"
         text = (
             f"**Loaded:** {info.get('name') or info.get('source')} ({info.get('dtype', '?')}"
-            f"{'' if info.get('quant_mode', 'none') == 'none' else ', ' + info['quant_mode']})  \n"
+            f"{'' if info.get('quant_mode', 'none') == 'none' else ', base in ' + info['quant_mode']})  \n"
             f"**Adapters:** {adapters}  \n"
             f"**Chat process:** pid {info.get('pid')}, memory {memory}"
         )
@@ -190,16 +191,23 @@ def local_status(proc: ChatProcess) -> dict:
 
 
 def load_chat(
-    proc: ChatProcess, store: Store, source: str, run_ids: list[str] | None, dtype: str = "fp32"
+    proc: ChatProcess,
+    store: Store,
+    source: str,
+    run_ids: list[str] | None,
+    dtype: str = "fp32",
+    quant_mode: str = "none",
 ) -> tuple[dict, str]:
-    """Make the process hold `source` with exactly the chosen adapters. Returns (status, note).
-
-    The base restarts only when it changes; adapters are added and removed to match the choice.
+    """Make the process hold `source` (in full precision, 8-bit or 4-bit) with exactly the chosen adapters.
+    Returns (status, note). The base restarts only when it changes; adapters are added and removed to match.
     """
     source = (source or "").strip() or BUNDLED
+    quant_mode = quant_mode or "none"
+    if quant_mode not in QUANT_MODES:
+        raise ChatUIError(f"Quantization must be one of {', '.join(QUANT_MODES)} (got {quant_mode!r}).")
     wanted = [run_adapter(store, run_id) for run_id in run_ids or []]  # refuse bad runs before loading anything
-    if proc.base != (source, dtype, "none"):
-        proc.start(source, dtype)
+    if proc.base != (source, dtype, quant_mode):
+        proc.start(source, dtype, quant_mode)
     for name in set(proc.loaded_adapters) - {a.run_id for a in wanted}:
         proc.remove_adapter(name)
     notes = []
@@ -287,6 +295,13 @@ def build(ctx: UIContext, tab) -> None:
                 BUNDLED, label="Base model", info="bundled, a local model folder, or a hub id", elem_id="chat-model"
             )
             dtype = gr.Dropdown(list(DTYPES), value="fp32", label="Compute type", elem_id="chat-dtype")
+            quant = gr.Dropdown(
+                list(QUANT_MODES),
+                value="none",
+                label="Quantization",
+                info="4bit/8bit: less memory, slower on CPU; adapters from any run load on it",
+                elem_id="chat-quant",
+            )
             adapters = gr.Dropdown(
                 choices=adapter_choices(store()),  # refreshed whenever the tab is selected
                 value=[],
@@ -354,10 +369,10 @@ def build(ctx: UIContext, tab) -> None:
             status_markdown(local_status(proc())),
         )
 
-    def on_load(source: str, run_ids: list[str] | None, dtype_name: str):
+    def on_load(source: str, run_ids: list[str] | None, dtype_name: str, quant_mode: str = "none"):
         p = proc()
         try:
-            info, note = load_chat(p, store(), source, run_ids, dtype_name)
+            info, note = load_chat(p, store(), source, run_ids, dtype_name, quant_mode)
         except (ChatError, ChatUIError) as err:
             loaded = p.loaded_adapters
             return error_message(err), gr.Dropdown(choices=active_choices(loaded), value=BASE)
@@ -397,7 +412,8 @@ def build(ctx: UIContext, tab) -> None:
             raise gr.Error(str(err)) from err
 
     tab.select(on_select, [adapters, active], [adapters, active, status], api_name=False)
-    load.click(on_load, [model, adapters, dtype], [status, active], api_name="chat_load")
+    # quant comes last, so API callers that pass (model, adapters, dtype) keep working.
+    load.click(on_load, [model, adapters, dtype, quant], [status, active], api_name="chat_load")
     unload.click(on_unload, None, [status, active], api_name="chat_unload")
     inputs = [message, bot, base_bot, system, temperature, top_p, top_k, max_new, penalty, active, compare]
     outputs = [bot, base_bot, message, status]

@@ -192,3 +192,15 @@ def test_a_reader_that_stops_early_does_not_block_the_next(chat, tiny_model_dir)
     pieces.close()  # like a browser tab closed mid-reply
     full = chat.reply(HELLO, LONGER, BASE)
     assert full.startswith(first.strip())
+
+
+def test_a_4bit_base_answers_and_takes_an_adapter_trained_in_full_precision(chat, tiny_model_dir, adapters):
+    info = chat.start(str(tiny_model_dir), "fp32", quant_mode="4bit")
+    assert info["loaded"] and info["weights_in"] == "4bit" and chat.base == (str(tiny_model_dir), "fp32", "4bit")
+    base = chat.reply(HELLO, SHORT, BASE)
+    assert base
+    chat.add_adapter("run-a", adapters["run-a"])  # made on the full-precision tiny model
+    tuned = chat.reply(HELLO, SHORT, "run-a")
+    assert tuned and tuned != base
+    assert chat.reply(HELLO, SHORT, BASE) == base  # the adapter is switched off for "base", not merged in
+    assert chat.status()["weights_in"] == "4bit"  # still 4-bit with the adapter on top

@@ -89,3 +89,13 @@ def test_uploaded_file_names_cannot_place_files_outside_the_dataset_folder(home,
     stored = (home / "datasets" / entry.file).resolve()
     assert stored.is_file() and (home / "datasets" / "safe-name") in stored.parents
     assert sorted(p.name for p in (home / "datasets").iterdir()) == ["safe-name"]
+
+
+def test_model_folders_outside_the_roots_are_refused_on_a_network_server(tmp_path, monkeypatch, tiny_model_dir):
+    from studio.models import ModelError, resolve_model
+
+    monkeypatch.setenv("STUDIO_ALLOWED_ROOTS", str(tmp_path))
+    with pytest.raises(ModelError, match="outside the folders this server may read"):
+        resolve_model(str(tiny_model_dir))
+    monkeypatch.setenv("STUDIO_ALLOWED_ROOTS", str(tiny_model_dir.parent))
+    assert resolve_model(str(tiny_model_dir)).kind == "local"

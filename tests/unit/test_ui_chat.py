@@ -157,6 +157,20 @@ def test_load_chat_starts_once_and_matches_the_chosen_adapters(store, home):
     assert proc.base[0] == "bundled"  # a bad choice is refused before anything is restarted
 
 
+def test_load_chat_quantization_restarts_the_base_and_shows(store, home):
+    proc = FakeProcess()
+    ui.load_chat(proc, store, "bundled", [], "bf16", "4bit")
+    assert proc.base == ("bundled", "bf16", "4bit")
+    ui.load_chat(proc, store, "bundled", [], "bf16", "4bit")
+    assert [c for c in proc.calls if c[0] == "start"] == [("start", "bundled", "bf16")]  # same base: no restart
+    ui.load_chat(proc, store, "bundled", [], "bf16")
+    assert proc.base == ("bundled", "bf16", "none")  # full precision is another base: restarted
+    md = ui.status_markdown({"loaded": True, "name": "tiny", "dtype": "bf16", "quant_mode": "4bit", "pid": 1})
+    assert "(bf16, base in 4bit)" in md
+    with pytest.raises(ui.ChatUIError, match="Quantization must be one of none, 8bit, 4bit"):
+        ui.load_chat(proc, store, "bundled", [], "fp32", "3bit")
+
+
 def test_send_streams_growing_history_and_compare_answers_base_first():
     proc = FakeProcess(alive=True)
     proc.loaded_adapters["r1"] = "/a"
@@ -214,11 +228,14 @@ def test_build_makes_the_widgets_and_endpoints(home):
     expected = {
         "chat-model", "chat-adapter", "chat-load", "chat-unload", "chat-status", "chat-system", "chat-temperature",
         "chat-top-p", "chat-top-k", "chat-max-new-tokens", "chat-repetition-penalty", "chat-active", "chat-input",
-        "chat-send", "chatbot", "chat-compare", "chatbot-base", "chat-clear",
+        "chat-send", "chatbot", "chat-compare", "chatbot-base", "chat-clear", "chat-quant",
     }  # fmt: skip
     assert expected <= ids
     endpoints = app.get_api_info()["named_endpoints"]
     assert {"/chat", "/chat_load"} <= set(endpoints)
+    load_params = endpoints["/chat_load"]["parameters"]
+    assert [p["parameter_name"] for p in load_params] == ["source", "run_ids", "dtype_name", "quant_mode"]
+    assert load_params[-1]["parameter_has_default"]  # older callers passing three values still work
     assert [p["parameter_name"] for p in endpoints["/chat"]["parameters"]] == [
         "message",
         "adapter",
