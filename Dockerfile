@@ -9,7 +9,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     STUDIO_HOME=/app/workspace
 
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv python3-pip git \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-pip git libtcmalloc-minimal4 \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app

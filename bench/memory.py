@@ -8,7 +8,7 @@ each boundary it reads VmHWM (the exact peak of the phase that ends) and resets 
 /proc/self/clear_refs, while a thread samples VmRSS/RssAnon/RssFile every 20 ms (anon vs file pages at the
 peak). During step 1's forward a saved_tensors_hooks probe counts what autograd keeps for backward. On
 CUDA: torch.cuda.max_memory_allocated (the planner's CUDA-context overhead item is then left out).
-Writes bench/results/memory-<device>.json and prints a table. About 8 minutes on a 2-core CPU.
+Writes bench/results/memory-<device>.json and prints a table. About 1.5 minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -247,6 +247,7 @@ def child(name: str, tiny_dir: str, out: Path) -> None:
 
         cfg = RunConfig.from_dict(merge_dicts(cfg.to_dict(), {"train": {"device": "cuda", "num_threads": None}}))
     probe = PhaseProbe(baseline)
+    from studio.allocator import loaded_allocator
     from studio.train import run_training
 
     _instrument(probe)
@@ -264,6 +265,7 @@ def child(name: str, tiny_dir: str, out: Path) -> None:
                 "saved_for_backward_step1": probe.saved,
                 "steps": result.global_step,
                 "seconds": round(time.perf_counter() - started, 1),
+                "allocator": loaded_allocator(),
                 "device": "cuda" if cuda else "cpu",
             }
         )
@@ -322,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
+    from studio.allocator import child_env, choose_allocator
+
+    allocator = choose_allocator()
     names = args.only or list(CONFIGS)
     rows, failed = [], 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -329,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             out = Path(tmp) / f"{name}.json"
             cmd = [sys.executable, "-m", "bench.memory", "--one", name, "--tiny", tiny, "--out", str(out)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+            # The worker's environment, so the child runs under the allocator a studio run gets.
+            env = child_env(os.environ, allocator)
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent.parent, env=env)
             if proc.returncode != 0 or not out.exists():
                 print(f"{name}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
                 failed += 1
@@ -372,13 +379,14 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
         },
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, **_versions()},
+        "allocator": allocator.describe,
         "results": rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"memory-{device}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(table(rows))
-    print(f"written {path}")
+    print(f"allocator: {allocator.describe}\nwritten {path}")
     checked = [r for r in rows if not r["calibration"]]
     return 1 if failed or not all(r["within_25pct"] for r in checked) else 0
 

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from studio.allocator import child_env
 from studio.chat import BASE, GenerationSettings, final_text
 from studio.paths import REPO_ROOT, studio_home
 
@@ -250,7 +251,9 @@ class ChatProcess:
 
     def _spawn(self, source: str, dtype: str, quant_mode: str) -> _Child:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, STUDIO_HOME=str(self.home), PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+        env = child_env(
+            dict(os.environ, STUDIO_HOME=str(self.home), PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+        )
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
         with open(self.log_path, "ab") as log:
             popen = subprocess.Popen(

@@ -259,8 +259,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 # -- plan ---------------------------------------------------------------------------------------
 def cmd_plan(args: argparse.Namespace) -> int:
     """Exit 0 when the run fits (or the free memory is unknown), 1 when it does not."""
+    from studio.allocator import choose_allocator
     from studio.models import load_config, resolve_model
-    from studio.planner import device_free_memory, model_shapes, plan_device, plan_memory, report_text, suggestions
+    from studio.planner import (
+        allocator_caveat,
+        device_free_memory,
+        model_shapes,
+        plan_device,
+        plan_memory,
+        report_text,
+        suggestions,
+    )
 
     config = load_run_config(args.config, args.set)
     device = args.device or plan_device(config.train.device)
@@ -270,7 +279,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     available = device_free_memory(device)
     fits = plan.fits(available)
     tips = suggestions(model_config, config, available, device, shapes) if fits is False else []
-    print(report_text(plan, available, tips))
+    print(report_text(plan, available, tips, allocator_caveat(device, choose_allocator().name)))
     return 1 if fits is False else 0
 
 

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from studio.allocator import child_env
 from studio.config import ConfigError, RunConfig
 from studio.paths import db_path, ensure_home, runs_dir, studio_home
 from studio.store import Run, RunStatus, Store
@@ -237,7 +238,7 @@ class JobManager:
     def _spawn(self, run: Run) -> None:
         run_dir = Path(run.run_dir)
         cmd = [sys.executable, "-m", "studio.worker", str(run_dir)]
-        env = dict(os.environ, STUDIO_HOME=str(self.home), PYTHONUNBUFFERED="1")
+        env = child_env(dict(os.environ, STUDIO_HOME=str(self.home), PYTHONUNBUFFERED="1"))
         env[SPAWNED_ENV] = "1"
         with open(run_dir / LOG_FILE, "ab") as log:
             proc = subprocess.Popen(

@@ -35,7 +35,8 @@ OPT8_BLOCK = 256
 # imports, the Trainer, tokenizer, data, allocator slack), above the RSS right after `import torch,
 # transformers`. Measured by `python -m bench` as the "runtime-floor" config (a 2-layer, hidden-64 Llama
 # whose weights are a few MB): its measured peak minus the planner's own tensor items (mostly its logits)
-# was 309 MiB on a 2-core x86 CPU, torch 2.13 (bench/results/memory-cpu.json, "implied_runtime_bytes").
+# was 313 MiB on a 2-core x86 CPU, torch 2.13, under tcmalloc as the worker runs (studio/allocator.py)
+# (bench/results/memory-cpu.json, "implied_runtime_bytes").
 CPU_RUNTIME_BYTES = 310 * 2**20
 # CUDA context plus cuBLAS workspace, counted by nvidia-smi though not by max_memory_allocated:
 # typically 0.5-1 GB depending on GPU and driver.
@@ -543,9 +544,22 @@ def plan_device(preference: str) -> str:
     return preference
 
 
-def report_text(plan: MemoryPlan, available: int | None, tips: list[Suggestion]) -> str:
+def allocator_caveat(device: str, allocator: str) -> str | None:
+    """The CPU estimates were measured under tcmalloc (what the worker preloads when installed). Under
+    glibc malloc the same runs peaked 8% (LoRA fp32) to 35% (with checkpointing) higher (studio/allocator.py)."""
+    if device != "cpu" or allocator in ("tcmalloc", "jemalloc"):
+        return None
+    return (
+        "The worker will run under glibc malloc here (no tcmalloc found), which can hold up to ~40% more "
+        "than this estimate on CPU: install libtcmalloc-minimal4 to get the estimate (and a faster run)."
+    )
+
+
+def report_text(plan: MemoryPlan, available: int | None, tips: list[Suggestion], caveat: str | None = None) -> str:
     """The plan, the free memory and, when it does not fit, the changes that would help (plain text)."""
     lines = [plan.describe(), ""]
+    if caveat:
+        lines += [f"note: {caveat}", ""]
     if available is None:
         lines.append(f"free on {plan.device}: unknown")
         return "\n".join(lines)

@@ -17,6 +17,7 @@ import time
 import traceback
 from pathlib import Path
 
+from studio.allocator import choose_allocator, loaded_allocator
 from studio.config import ConfigError, RunConfig
 from studio.jobs import CONFIG_FILE, SPAWNED_ENV, JobManager, process_start_token
 from studio.paths import db_path, studio_home
@@ -87,6 +88,17 @@ def apply_memory_cap() -> int | None:
     return limit
 
 
+def allocator_event(sink: StoreSink) -> None:
+    """Say which allocator this worker runs under: with glibc a CPU run holds noticeably more memory."""
+    loaded = loaded_allocator()
+    if loaded in ("tcmalloc", "jemalloc"):
+        sink.event(f"Memory allocator: {loaded}")
+    else:
+        wanted = choose_allocator()
+        why = wanted.note or "it was not preloaded (the worker was started by hand?)"
+        sink.event(f"Memory allocator: glibc malloc ({why})", level="warning" if wanted.note else "info")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m studio.worker", description="Train one run (internal).")
     parser.add_argument("run_dir", type=Path)
@@ -128,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     cap = apply_memory_cap()
     if cap:
         sink.event(f"Memory cap for this run: {cap / 2**20:.0f} MiB (STUDIO_WORKER_MEMORY_MB)")
+    allocator_event(sink)
     print(f"=== run {run_id} started {time.strftime('%Y-%m-%d %H:%M:%S')} (pid {os.getpid()})", flush=True)
     code = 0
     try:

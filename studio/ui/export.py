@@ -15,6 +15,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from studio.allocator import child_env
 from studio.store import RunStatus
 from studio.ui.common import UIContext
 
@@ -70,7 +71,7 @@ def run_export(
     cmd = [sys.executable, "-m", "studio.cli", "export", run_id, flag, str(out), "--dtype", dtype, "--zip"]
     if overwrite:
         cmd.append("--overwrite")
-    env = dict(os.environ, STUDIO_HOME=str(ctx.home))
+    env = child_env(dict(os.environ, STUDIO_HOME=str(ctx.home)))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=EXPORT_TIMEOUT_S)
     except subprocess.TimeoutExpired:

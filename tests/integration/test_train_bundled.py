@@ -125,3 +125,16 @@ def test_cli_exports_merged_and_adapter(trained, tmp_path):
         timeout=300,
     )
     assert again.returncode == 1 and again.stderr.startswith("error:") and "not empty" in again.stderr
+
+
+def test_worker_runs_under_the_allocator_it_reports(trained):
+    """The worker preloads tcmalloc when the machine has it (make installs it) and says which one it got."""
+    from studio.allocator import choose_allocator
+
+    messages = [e.message for e in trained["store"].events(trained["run"].id)]
+    (said,) = [m for m in messages if m.startswith("Memory allocator:")]
+    expected = choose_allocator()
+    if expected.path is not None:
+        assert said == f"Memory allocator: {expected.name}"
+    else:
+        assert said.startswith("Memory allocator: glibc malloc") and expected.note in said

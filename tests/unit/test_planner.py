@@ -271,3 +271,11 @@ def test_cli_plan_exit_codes(home, tiny_model_dir, tmp_path, capsys, monkeypatch
     assert main(["plan", str(cfg), "--set", "lora.r=0", "--set", "data.cutoff_len=100000"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "lora.r" in err and "cutoff_len=100000" in err
+
+
+def test_allocator_caveat_only_for_cpu_under_glibc():
+    from studio.planner import allocator_caveat
+
+    assert allocator_caveat("cuda", "system") is None
+    assert allocator_caveat("cpu", "tcmalloc") is None
+    assert "libtcmalloc-minimal4" in allocator_caveat("cpu", "system")
