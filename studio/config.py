@@ -136,7 +136,14 @@ class DataSpec:
     cutoff_len: int = field(default=512, metadata=_help("Max tokens per sample; longer ones are cut. 512-2048."))
     max_samples: int | None = field(default=None, metadata=_help("Use at most this many rows per dataset."))
     val_size: float = field(default=0.0, metadata=_help("Share held out for eval loss, e.g. 0.1. 0 = none."))
-    packing: bool = field(default=False, metadata=_help("Pack several samples per sequence: less padding."))
+    packing: bool = field(
+        default=False,
+        metadata=_help("Pack several samples per sequence, each attending only to itself: far less padding."),
+    )
+    group_by_length: bool = field(
+        default=False,
+        metadata=_help("Batch samples of similar length together: less padding, order less random (no packing)."),
+    )
     train_on_prompt: bool = field(default=False, metadata=_help("Also learn the prompts (usually off)."))
 
     def validate(self) -> list[str]:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -27,6 +28,7 @@ from studio.models import (
     resolve_model,
 )
 
+HELD_OUT = "held_out"  # marks eval rows for the collator
 IGNORE = -100
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
@@ -65,9 +67,15 @@ class PreparedData:
 
 @dataclass
 class TokenCounter:
-    """Real (non-padding) tokens handed to the model; the collator adds, the speed meter reads."""
+    """Training tokens handed to the model; the collator adds, the speed meter reads. `total` counts real
+    tokens, `positions` every position computed (padding included); held-out rows are not counted."""
 
     total: int = 0
+    positions: int = 0
+
+    @property
+    def padding_share(self) -> float:
+        return 1 - self.total / self.positions if self.positions else 0.0
 
 
 @dataclass
@@ -90,11 +98,14 @@ class Collator:
             if packed:
                 # Padding gets its own position run, so it forms a separate (fully masked) segment.
                 positions.append(f["position_ids"] + list(range(pad)))
-            self.counter.total += n
+            if not f.get(HELD_OUT):
+                self.counter.total += n
+                self.counter.positions += width
         batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
         if packed:
             # No attention_mask: transformers then derives a block-diagonal mask from the position ids,
-            # so packed samples never attend to each other (sdpa and eager alike).
+            # so packed samples never attend to each other (sdpa and eager alike; only without a KV cache,
+            # hence use_cache=False in run_training; tests/unit/test_train_batches.py checks it).
             batch["position_ids"] = torch.tensor(positions)
         else:
             batch["attention_mask"] = torch.tensor(mask)
@@ -133,8 +144,11 @@ def prepare_data(config: RunConfig, tokenizer, home: Path | None = None) -> Prep
     lengths = [s.full_length for s in samples]
     truncated = sum(1 for s in samples if s.truncated)
 
-    def as_row(s) -> dict[str, list[int]]:
-        return {"input_ids": list(s.input_ids), "labels": list(s.labels)}
+    def as_row(s, held_out: bool = False) -> dict[str, Any]:
+        row: dict[str, Any] = {"input_ids": list(s.input_ids), "labels": list(s.labels)}
+        if held_out:
+            row[HELD_OUT] = True  # eval batches stay out of the training-speed count
+        return row
 
     train_samples = [samples[i] for i in train_idx]
     if config.data.packing:
@@ -146,7 +160,7 @@ def prepare_data(config: RunConfig, tokenizer, home: Path | None = None) -> Prep
         train = [as_row(s) for s in train_samples]
     return PreparedData(
         train=train,
-        eval=[as_row(samples[i]) for i in eval_idx],
+        eval=[as_row(samples[i], held_out=True) for i in eval_idx],
         lengths=lengths,
         truncated=truncated,
         packed=config.data.packing,
@@ -214,6 +228,19 @@ def resolve_optimizer(name: str, device: str, have_bnb: bool = True) -> tuple[st
     return name, None
 
 
+def _throughput(runtime: Any, counter: TokenCounter, device: str) -> dict[str, float]:
+    """The training loop's speed: real tokens over the Trainer's own train_runtime (this session's part of
+    the run when resumed), the padding share and the process's peak memory."""
+    runtime = _num(runtime) or 0.0
+    return {
+        "train_runtime_s": round(runtime, 3),
+        "real_tokens": counter.total,
+        "tokens_per_s": round(counter.total / runtime, 2) if runtime > 0 else 0.0,
+        "padding_share": round(counter.padding_share, 4),
+        "peak_memory_mb": round(_peak_memory_mb(device), 1),
+    }
+
+
 def _peak_memory_mb(device: str) -> float:
     if device == "cuda":
         import torch
@@ -257,9 +284,28 @@ def _training_args(config: RunConfig, run_dir: Path, device: str, has_eval: bool
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_pin_memory=device == "cuda",
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        **checkpointing_args(t.gradient_checkpointing, TrainingArguments),
+        **sampling_args(config.data.group_by_length and not config.data.packing, TrainingArguments),
     )
+
+
+def sampling_args(group_by_length: bool, arguments_class: type) -> dict[str, Any]:
+    """Length-grouped batches (samples of similar length share a batch, so less padding), under this
+    transformers' name for it: `train_sampling_strategy` in 5.x, the `group_by_length` flag before."""
+    if not group_by_length:
+        return {}
+    names = {f.name for f in dataclasses.fields(arguments_class)}
+    if "train_sampling_strategy" in names:
+        return {"train_sampling_strategy": "group_by_length"}
+    return {"group_by_length": True}
+
+
+def checkpointing_args(enabled: bool, arguments_class: type) -> dict[str, Any]:
+    """Activation checkpointing for TrainingArguments, under the name this transformers uses
+    (`activation_checkpointing*` since 5.x; `gradient_checkpointing*` before, now a deprecated alias)."""
+    names = {f.name for f in dataclasses.fields(arguments_class)}
+    prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {prefix: enabled, f"{prefix}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
 def _studio_callback(sink: MetricSink, should_stop: Callable[[], bool], counter: TokenCounter, device: str):
@@ -418,6 +464,11 @@ def run_training(
     if resume_from:
         sink.event(f"Resuming from {Path(resume_from).name}")
     output = trainer.train(resume_from_checkpoint=resume_from)
+    throughput = _throughput(output.metrics.get("train_runtime"), counter, device)
+    sink.event(
+        f"Trained {counter.total:,} real tokens in {throughput['train_runtime_s']:.1f} s "
+        f"({throughput['tokens_per_s']:,.0f} tokens/s); padding {100 * counter.padding_share:.1f}% of positions"
+    )
     step = trainer.state.global_step
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     final_loss = float(losses[-1]) if losses else _num(output.training_loss)
@@ -451,6 +502,7 @@ def run_training(
             "eval_samples": len(data.eval),
             "trainable_parameters": trainable,
             "seconds": round(seconds, 2),
+            **throughput,
         },
     )
     sink.event(f"Adapter saved to {adapter_dir}")

@@ -85,6 +85,7 @@ ELEM_IDS = {
     "data.max_samples": "data-max-samples",
     "data.val_size": "data-val-size",
     "data.packing": "data-packing",
+    "data.group_by_length": "data-group-by-length",
     "data.train_on_prompt": "data-train-on-prompt",
     "train.epochs": "train-epochs",
     "train.max_steps": "train-max-steps",
@@ -192,7 +193,14 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     (
         "Data",
-        ("data.cutoff_len", "data.max_samples", "data.val_size", "data.packing", "data.train_on_prompt"),
+        (
+            "data.cutoff_len",
+            "data.max_samples",
+            "data.val_size",
+            "data.packing",
+            "data.group_by_length",
+            "data.train_on_prompt",
+        ),
     ),
     ("Saving and logging", ("train.logging_steps", "train.eval_steps", "train.save_steps", "train.save_total_limit")),
 )
@@ -388,8 +396,17 @@ def _model_for_plan_cached(source: str, trust: bool) -> tuple:
 def plan_text(cfg: RunConfig, available: int | None = None, device: str | None = None) -> str:
     """The memory estimate as markdown: breakdown, free memory, a warning and the fixes when it won't fit.
     `available` and `device` default to the machine's own."""
+    from studio.allocator import choose_allocator
     from studio.models import ModelError
-    from studio.planner import PlanError, device_free_memory, fmt_bytes, plan_device, plan_memory, suggestions
+    from studio.planner import (
+        PlanError,
+        allocator_caveat,
+        device_free_memory,
+        fmt_bytes,
+        plan_device,
+        plan_memory,
+        suggestions,
+    )
 
     device = device or plan_device(cfg.train.device)
     try:
@@ -424,6 +441,9 @@ def plan_text(cfg: RunConfig, available: int | None = None, device: str | None =
         for tip in suggestions(model_config, cfg, available, device, shapes):
             mark = "fits" if tip.plan.fits(available) else "still too big"
             lines.append(f"- {tip.change}: {fmt_bytes(tip.plan.total_bytes)} ({mark})")
+    caveat = allocator_caveat(device, choose_allocator().name)
+    if caveat:
+        lines += ["", f"Note: {caveat}"]
     return "\n".join(lines)
 
 
