@@ -356,26 +356,6 @@ def group_for_targets(targets: Sequence[str], layers: Sequence[str]) -> str:
 # -- memory plan --------------------------------------------------------------------------------
 
 # The form fields the memory estimate depends on: the plan panel follows these.
-PLAN_KEYS = (
-    "model.source",
-    "lora.r",
-    "lora.dropout",
-    "lora.use_dora",
-    TARGET_GROUP,
-    "lora.target_modules",
-    QLORA,
-    "quant.mode",
-    "quant.quant_type",
-    "quant.double_quant",
-    "quant.compute_dtype",
-    "train.compute_type",
-    "train.device",
-    "train.batch_size",
-    "train.grad_accum",
-    "train.optimizer",
-    "train.gradient_checkpointing",
-    "data.cutoff_len",
-)
 
 
 def _model_for_plan(source: str, trust: bool) -> tuple:
@@ -505,6 +485,11 @@ def command_text(cfg: RunConfig, preset: str | None = None) -> str:
             sets = [f"  --set {shlex.quote(s)}" for s in set_overrides(base, cfg)]
             lines += ["# or, from the preset:", " \\\n".join([f"studio train {shlex.quote(preset)}", *sets]), ""]
     return "\n".join(lines) + "\n# run.yaml\n" + cfg.to_yaml()
+
+
+def form_views(preset: str | None, *values: Any) -> tuple[str, str, str]:
+    """Parameter count, memory plan and command box for the form, in one request."""
+    return params_from_form(*values), plan_from_form(*values), command_from_form(preset, *values)
 
 
 def command_from_form(preset: str | None, *values: Any) -> str:
@@ -859,16 +844,25 @@ def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:
             return [], gr.update()
         return names, gr.update(choices=names, value=group_targets(group, names, targets))
 
+    # -- what the form implies: parameter count, memory plan, CLI/YAML box --
+    # One handler for all three, fired by user edits of the multiselects (.input) and by .change of the
+    # rest. Separate handlers sharing the multiselect inputs re-fired its .change after every response
+    # (gradio 6.31), a request loop that kept a core busy while the tab was open and slowed training ~7x.
+    views = [params, plan, command]
+    multiselects = ("lora.target_modules", "data.datasets")
+    triggers = [w[k].input if k in multiselects else w[k].change for k in FORM_KEYS]
+    gr.on([*triggers, preset.change], form_views, [preset, *form], views, trigger_mode="always_last", api_name=False)
+
     model_inputs = [w["model.source"], w["model.trust_remote_code"], w[TARGET_GROUP], w["lora.target_modules"]]
-    w["model.source"].change(refresh_model, model_inputs, [layers, w["lora.target_modules"]], api_name=False)
     targets = w["lora.target_modules"]
-    w[TARGET_GROUP].input(group_targets, [w[TARGET_GROUP], layers, targets], targets, api_name=False)
+    # Programmatic target changes fire no .input: refresh the views after them explicitly.
+    w["model.source"].change(refresh_model, model_inputs, [layers, targets], api_name=False).then(
+        form_views, [preset, *form], views, api_name=False
+    )
+    w[TARGET_GROUP].input(group_targets, [w[TARGET_GROUP], layers, targets], targets, api_name=False).then(
+        form_views, [preset, *form], views, api_name=False
+    )
     targets.input(group_for_targets, [targets, layers], w[TARGET_GROUP], api_name=False)
-    param_keys = ("model.source", "lora.r", "lora.use_dora", "lora.bias", TARGET_GROUP, "lora.target_modules")
-    gr.on([w[k].change for k in param_keys], params_from_form, form, params, trigger_mode="always_last", api_name=False)
-    gr.on([w[k].change for k in PLAN_KEYS], plan_from_form, form, plan, trigger_mode="always_last", api_name=False)
-    gr.on([*(c.change for c in form), preset.change], command_from_form, [preset, *form], command,
-          trigger_mode="always_last", api_name=False)  # fmt: skip
 
     # -- QLoRA toggle and quantization dropdown stay in step --
     def qlora_toggle(on):
@@ -885,7 +879,9 @@ def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:
         except ConfigError as err:
             return [*(gr.skip() for _ in form), error_message(err)]
 
-    preset.input(on_preset, [preset, w["data.datasets"], layers], [*form, message], api_name=False)
+    preset.input(on_preset, [preset, w["data.datasets"], layers], [*form, message], api_name=False).then(
+        form_views, [preset, *form], views, api_name=False
+    )
 
     def on_save(name, *values):
         text = save_form_preset(name, values)
@@ -938,8 +934,8 @@ def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:
     load_outputs = [layers, w["lora.target_modules"], w["data.datasets"], run]
     # Page load (and so every reload) re-attaches to the newest active run and reads the model's layers.
     Context.root_block.load(on_load, load_inputs, load_outputs, api_name=False).then(
-        params_from_form, form, params, api_name=False
-    ).then(plan_from_form, form, plan, api_name=False)
+        form_views, [preset, *form], views, api_name=False
+    )
     if tab is not None:
         # New datasets registered in the Datasets tab and runs started from the CLI appear on selection.
         tab.select(on_load, load_inputs, load_outputs, api_name=False)
