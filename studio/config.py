@@ -142,7 +142,10 @@ class DataSpec:
     )
     group_by_length: bool = field(
         default=False,
-        metadata=_help("Batch samples of similar length together: less padding, order less random (no packing)."),
+        metadata=_help(
+            "Batch samples of similar length together: less padding, order less random (no packing). "
+            "Groups within 4+ megabatches, so it needs 64+ batches of data to matter."
+        ),
     )
     train_on_prompt: bool = field(default=False, metadata=_help("Also learn the prompts (usually off)."))
 

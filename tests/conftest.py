@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import free_port, kill_tree  # noqa: F401 - the process harness, shared with bench/
+
 os.environ.setdefault("STUDIO_MODEL_CACHE", str(Path.home() / ".cache" / "lora-studio" / "models"))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -64,25 +66,3 @@ def tiny_model_dir(tmp_path_factory, bundled_model_dir) -> Path:
     LlamaForCausalLM(config).save_pretrained(out)
     tok.save_pretrained(out)
     return out
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def kill_tree(pid: int) -> None:
-    """End a process we started and everything in its session, also when a test failed half-way."""
-    import signal
-
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                return
