@@ -143,7 +143,8 @@ def make_run_id(name: str) -> str:
 
 def check_workspace(home: Path) -> None:
     """Refuse a start that would die mid-run for want of a writable, roomy workspace."""
-    probe = home / "runs" / f".write-test-{os.getpid()}"
+    # Unique per call: two starts in one server process at once must not remove each other's probe.
+    probe = home / "runs" / f".write-test-{os.getpid()}-{secrets.token_hex(6)}"
     try:
         probe.write_bytes(b"ok")
         probe.unlink()

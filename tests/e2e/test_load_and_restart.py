@@ -58,7 +58,7 @@ def test_two_clients_start_runs_at_once_and_chat_holds_20_requests(fresh_server,
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(start, range(2)))
     run_ids = [run_id for _, run_id in results]
-    assert all(run_ids), results
+    assert all(isinstance(r, str) and r for r in run_ids), results  # a refused start returns gr.skip()
 
     latencies = []
     deadline = time.monotonic() + 300

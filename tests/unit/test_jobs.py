@@ -93,3 +93,13 @@ def test_delete_refuses_active_runs(home):
     jobs.abort(run.id)
     jobs.delete(run.id)
     assert not (home / "runs" / run.id).exists() and jobs.store.list_runs() == []
+
+
+def test_concurrent_workspace_checks_do_not_trip_each_other(tmp_path):
+    """Two starts at once in one server process once removed each other's write probe."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    (tmp_path / "runs").mkdir()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: check_workspace(tmp_path), range(400)))
+    assert list((tmp_path / "runs").iterdir()) == []
