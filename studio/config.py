@@ -147,6 +147,13 @@ class DataSpec:
             "Groups within 4+ megabatches, so it needs 64+ batches of data to matter."
         ),
     )
+    pad_to_cutoff: bool = field(
+        default=False,
+        metadata=_help(
+            "Pad every batch to cutoff_len: constant shapes, so a batch too big for memory fails at step 1, "
+            "not hours in. Slower: more padding."
+        ),
+    )
     train_on_prompt: bool = field(default=False, metadata=_help("Also learn the prompts (usually off)."))
 
     def validate(self) -> list[str]:

@@ -82,11 +82,14 @@ class TokenCounter:
 class Collator:
     pad_id: int
     counter: TokenCounter = field(default_factory=TokenCounter)
+    pad_to: int | None = None  # pad every batch to this width (constant shapes) instead of its longest row
 
     def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
         import torch
 
         width = max(len(f["input_ids"]) for f in features)
+        if self.pad_to:
+            width = max(width, self.pad_to)
         packed = "position_ids" in features[0]
         ids, labels, mask, positions = [], [], [], []
         for f in features:
@@ -456,7 +459,9 @@ def run_training(
         args=args,
         train_dataset=data.train,
         eval_dataset=data.eval or None,
-        data_collator=Collator(tokenizer.pad_token_id, counter),
+        data_collator=Collator(
+            tokenizer.pad_token_id, counter, pad_to=config.data.cutoff_len if config.data.pad_to_cutoff else None
+        ),
         processing_class=tokenizer,
         callbacks=[callback],
         optimizers=_make_optimizer(config, model, args),

@@ -19,6 +19,14 @@ def test_collator_pads_and_counts_real_tokens_only():
     assert counter.padding_share == pytest.approx(2 / 6)
 
 
+def test_pad_to_cutoff_gives_every_batch_the_same_width():
+    counter = TokenCounter()
+    batch = Collator(0, counter, pad_to=6)([{"input_ids": [5, 6], "labels": [5, 6]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 0, 0, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 0, 0, 0, 0]]
+    assert (counter.total, counter.positions) == (2, 6)
+
+
 def test_held_out_rows_are_not_counted_as_training():
     counter = TokenCounter()
     Collator(0, counter)([{"input_ids": [1, 2], "labels": [1, 2], HELD_OUT: True}])
