@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -160,7 +161,11 @@ class Store:
 
     path: Path
     lock_wait_s: float = 60.0  # beyond SQLite's own busy timeout, for a writer that holds on long
-    _conn: sqlite3.Connection | None = field(default=None, init=False, repr=False)
+    # One connection per thread: a transaction lives on its connection, so threads sharing one (the web
+    # server's handlers) would commit or roll back each other's work.
+    _local: threading.local = field(default_factory=threading.local, init=False, repr=False)
+    _conns: list[sqlite3.Connection] = field(default_factory=list, init=False, repr=False)
+    _conns_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
@@ -170,15 +175,19 @@ class Store:
 
     # -- plumbing -----------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
-        if self._conn is None:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            # check_same_thread=False only so close() may close it from another thread; it is used by one.
             conn = sqlite3.connect(self.path, timeout=5, isolation_level=None, check_same_thread=False)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=5000")
-            self._conn = conn
-        return self._conn
+            self._local.conn = conn
+            with self._conns_lock:
+                self._conns.append(conn)
+        return conn
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -210,9 +219,11 @@ class Store:
         return self._connect().execute(sql, args).fetchall()
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            conn.close()
+        self._local = threading.local()
 
     # -- runs ---------------------------------------------------------------------------------
     def create_run(self, run_id: str, name: str, config: dict[str, Any], run_dir: str) -> Run:

@@ -110,3 +110,22 @@ def test_events_are_ordered_and_incremental(store):
     first = store.events("r1")
     assert [e.message for e in first] == ["a", "b"]
     assert store.events("r1", first[0].id)[0].level == "warning"
+
+
+def test_threads_sharing_a_store_keep_their_transactions_apart(tmp_path):
+    """The web server's handler threads share one Store: each must get its own transaction (CI once saw
+    'cannot commit - no transaction is active' from two starts at the same moment)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = Store(tmp_path / "studio.db")
+
+    def work(i: int) -> None:
+        store.create_run(f"run-{i}", f"r{i}", {"model": {"source": "x"}}, str(tmp_path / f"run-{i}"))
+        for step in range(1, 6):
+            store.log_metrics(f"run-{i}", step, loss=1.0 / step)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(work, range(64)))
+    assert len(store.list_runs()) == 64
+    assert all(len(store.metrics(f"run-{i}")) == 5 for i in range(64))
+    store.close()
