@@ -154,6 +154,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_in_session(cmd: Sequence[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """Start `cmd` in the repo root in its own session (so kill_tree ends it with its children), stdout and
+    stderr appended to `log_path`."""
+    with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            list(cmd),
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+def choose(page, elem_id: str, text: str) -> None:
+    """Pick an option of a gradio 6 dropdown in a Playwright page: click its combobox, type, click the option."""
+    box = page.locator(f"#{elem_id} input[role=combobox]")
+    box.click()
+    box.fill(text)
+    page.get_by_role("option", name=text).first.click()
+    page.keyboard.press("Escape")
+
+
 def wait_http(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> None:
     """Until `url` answers 200; fails early when `proc` (the server) has exited."""
     deadline = time.monotonic() + timeout

@@ -41,10 +41,12 @@ from bench.common import (
     CHROMIUM_ARGS,
     REPO,
     alive,
+    choose,
     free_port,
     kill_tree,
     median,
     percentile,
+    spawn_in_session,
     studio_env,
     table,
     verdict,
@@ -139,15 +141,6 @@ def run_row(db: Path) -> dict | None:
     return dict(zip(keys, rows[-1], strict=True))
 
 
-def choose(page, elem_id: str, text: str) -> None:
-    """Pick an option of a gradio 6 dropdown: click its combobox, type, click the option."""
-    box = page.locator(f"#{elem_id} input[role=combobox]")
-    box.click()
-    box.fill(text)
-    page.get_by_role("option", name=text).first.click()
-    page.keyboard.press("Escape")
-
-
 def wait_run_stopped(db: Path, run_id: str, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     status = "running"
@@ -173,16 +166,9 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict:
     run_id: str | None = None
     out: dict[str, Any] = {}
     try:
-        with open(log_path, "ab") as log:
-            server = subprocess.Popen(
-                [sys.executable, "-m", "studio.cli", "serve", "--port", str(port)],
-                cwd=REPO,
-                env=studio_env(home),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+        server = spawn_in_session(
+            [sys.executable, "-m", "studio.cli", "serve", "--port", str(port)], studio_env(home), log_path
+        )
         wait_http(url, proc=server)
         events = event_names(url)
         with sync_playwright() as pw:

@@ -32,7 +32,18 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.common import CHROMIUM, CHROMIUM_ARGS, REPO, free_port, median, studio_env, table, verdict, write_result
+from bench.common import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    REPO,
+    free_port,
+    median,
+    spawn_in_session,
+    studio_env,
+    table,
+    verdict,
+    write_result,
+)
 
 POLL_S = 0.02
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
@@ -123,18 +134,8 @@ def stop(proc: subprocess.Popen) -> None:
 def start(name: str, tmp: Path, tag: str) -> tuple[subprocess.Popen, str, float]:
     port = free_port()
     home = tmp / f"home-{tag}"
-    log = open(tmp / f"{tag}.log", "wb")  # noqa: SIM115 - the child keeps its own copy
-    with log:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(
-            COMMANDS[name](port),
-            cwd=REPO,
-            env=studio_env(home),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+    t0 = time.perf_counter()
+    proc = spawn_in_session(COMMANDS[name](port), studio_env(home), tmp / f"{tag}.log")
     return proc, f"http://127.0.0.1:{port}/", t0
 
 

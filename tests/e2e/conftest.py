@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.common import CHROMIUM, CHROMIUM_ARGS, free_port, kill_tree, wait_http
+from bench.common import CHROMIUM, CHROMIUM_ARGS, free_port, kill_tree, spawn_in_session, wait_http
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
@@ -27,16 +27,8 @@ class Server:
 
     def start(self) -> Server:
         env = dict(os.environ, STUDIO_HOME=str(self.home), HF_HUB_OFFLINE="1", **self.env)
-        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "studio.cli", "serve", "--port", str(self.port), *self.args],
-                cwd=REPO,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+        cmd = [sys.executable, "-m", "studio.cli", "serve", "--port", str(self.port), *self.args]
+        self.proc = spawn_in_session(cmd, env, self.log_path)
         wait_http(self.url)
         return self
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import choose
 from studio.paths import db_path
 from studio.store import Store
 from tests.e2e.conftest import ARTIFACTS, REPO
@@ -22,15 +23,6 @@ QUESTION = "What is the mascot of LoRA Studio?"
 def open_tab(page, label: str) -> None:
     page.get_by_role("tab", name=label).click()
     page.wait_for_timeout(500)
-
-
-def choose(page, elem_id: str, text: str) -> None:
-    """Pick an option of a gradio 6 dropdown: click its combobox, then the option."""
-    box = page.locator(f"#{elem_id} input[role=combobox]")
-    box.click()
-    box.fill(text)
-    page.get_by_role("option", name=text).first.click()
-    page.keyboard.press("Escape")
 
 
 def set_number(page, elem_id: str, value: int) -> None:
