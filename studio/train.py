@@ -115,37 +115,72 @@ class Collator:
         return batch
 
 
-def prepare_data(config: RunConfig, tokenizer, home: Path | None = None) -> PreparedData:
-    """Registered datasets -> tokenized, masked samples, split into train and eval, optionally packed."""
-    from studio.data import DatasetRegistry, build_sample, pack_samples
+def split_indices(n: int, val_size: float, seed: int) -> tuple[list[int], list[int]]:
+    """(eval, train) indices into n samples: a seeded shuffle, the first round(n * val_size) held out (at
+    least one when val_size > 0). Training, evaluation and the dataset doctor's leakage check share it, so
+    `studio eval` scores exactly the rows a run never trained on."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_eval = round(n * val_size) if val_size > 0 else 0
+    if val_size > 0 and n_eval == 0:
+        n_eval = 1
+    if n_eval >= n:
+        raise TrainingError(f"val_size={val_size} leaves no training samples out of {n}. Lower data.val_size.")
+    return order[:n_eval], order[n_eval:]
+
+
+@dataclass
+class SplitData:
+    """Examples and their tokenized samples (those with at least one trained token), split as training
+    splits them."""
+
+    train_examples: list[Any]
+    eval_examples: list[Any]
+    train_samples: list[Any]
+    eval_samples: list[Any]
+    lengths: list[int]  # every kept sample's untruncated length
+    truncated: int
+    dropped: int  # samples with no trained token left (answer cut off, or labels all masked)
+
+
+def split_data(config: RunConfig, tokenizer, home: Path | None = None) -> SplitData:
+    """Registered datasets -> tokenized, masked samples, split into train and eval like training does."""
+    from studio.data import DatasetRegistry, build_sample
 
     registry = DatasetRegistry(home) if home is not None else DatasetRegistry()
-    samples = []
+    pairs = []
+    total = 0
     for name in config.data.datasets:
         examples = registry.load_examples(name)
         if config.data.max_samples:
             examples = examples[: config.data.max_samples]
         for ex in examples:
-            samples.append(build_sample(tokenizer, ex, config.data.cutoff_len, config.data.train_on_prompt))
-    samples = [s for s in samples if any(label != IGNORE for label in s.labels)]
-    if not samples:
+            total += 1
+            sample = build_sample(tokenizer, ex, config.data.cutoff_len, config.data.train_on_prompt)
+            if any(label != IGNORE for label in sample.labels):
+                pairs.append((ex, sample))
+    if not pairs:
         raise TrainingError(
             "No sample has a trained token left after tokenization: every answer was cut off by cutoff_len "
             f"({config.data.cutoff_len}). Raise data.cutoff_len."
         )
-    rng = random.Random(config.train.seed)
-    order = list(range(len(samples)))
-    rng.shuffle(order)
-    n_eval = round(len(samples) * config.data.val_size) if config.data.val_size > 0 else 0
-    if config.data.val_size > 0 and n_eval == 0:
-        n_eval = 1
-    if n_eval >= len(samples):
-        raise TrainingError(
-            f"val_size={config.data.val_size} leaves no training samples out of {len(samples)}. Lower data.val_size."
-        )
-    eval_idx, train_idx = order[:n_eval], order[n_eval:]
-    lengths = [s.full_length for s in samples]
-    truncated = sum(1 for s in samples if s.truncated)
+    eval_idx, train_idx = split_indices(len(pairs), config.data.val_size, config.train.seed)
+    return SplitData(
+        train_examples=[pairs[i][0] for i in train_idx],
+        eval_examples=[pairs[i][0] for i in eval_idx],
+        train_samples=[pairs[i][1] for i in train_idx],
+        eval_samples=[pairs[i][1] for i in eval_idx],
+        lengths=[s.full_length for _, s in pairs],
+        truncated=sum(1 for _, s in pairs if s.truncated),
+        dropped=total - len(pairs),
+    )
+
+
+def prepare_data(config: RunConfig, tokenizer, home: Path | None = None) -> PreparedData:
+    """Registered datasets -> tokenized, masked samples, split into train and eval, optionally packed."""
+    from studio.data import pack_samples
+
+    split = split_data(config, tokenizer, home)
 
     def as_row(s, held_out: bool = False) -> dict[str, Any]:
         row: dict[str, Any] = {"input_ids": list(s.input_ids), "labels": list(s.labels)}
@@ -153,19 +188,18 @@ def prepare_data(config: RunConfig, tokenizer, home: Path | None = None) -> Prep
             row[HELD_OUT] = True  # eval batches stay out of the training-speed count
         return row
 
-    train_samples = [samples[i] for i in train_idx]
     if config.data.packing:
         train = [
             {"input_ids": list(p.input_ids), "labels": list(p.labels), "position_ids": list(p.position_ids)}
-            for p in pack_samples(train_samples, config.data.cutoff_len)
+            for p in pack_samples(split.train_samples, config.data.cutoff_len)
         ]
     else:
-        train = [as_row(s) for s in train_samples]
+        train = [as_row(s) for s in split.train_samples]
     return PreparedData(
         train=train,
-        eval=[as_row(samples[i], held_out=True) for i in eval_idx],
-        lengths=lengths,
-        truncated=truncated,
+        eval=[as_row(s, held_out=True) for s in split.eval_samples],
+        lengths=split.lengths,
+        truncated=split.truncated,
         packed=config.data.packing,
     )
 

@@ -14,6 +14,25 @@ from bench.common import CHROMIUM, CHROMIUM_ARGS, free_port, kill_tree, spawn_in
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
 
+# Points in the first trace of a drawn plotly chart. Before the first metric arrives the chart is an
+# empty figure (el.data == []), so every step of the chain is guarded.
+PLOT_POINTS_JS = """(id) => {
+    const el = document.querySelector(`#${id} .js-plotly-plot`);
+    if (!el || !el.data || !el.data.length || !el.data[0].x) return 0;
+    return el.data[0].x.length;
+}"""
+
+
+def plot_points(page, elem_id: str) -> int:
+    """Points in the first trace of a plotly chart, read from the chart the browser drew."""
+    return page.evaluate(PLOT_POINTS_JS, elem_id)
+
+
+def wait_plot_points(page, elem_id: str, at_least: int, timeout_s: float) -> None:
+    page.wait_for_function(
+        f"([id, n]) => ({PLOT_POINTS_JS})(id) >= n", arg=[elem_id, at_least], timeout=timeout_s * 1000
+    )
+
 
 class Server:
     def __init__(self, home: Path, extra_args: list[str] | None = None, env: dict | None = None):

@@ -13,7 +13,7 @@ import pytest
 from bench.common import choose
 from studio.paths import db_path
 from studio.store import Store
-from tests.e2e.conftest import ARTIFACTS, REPO
+from tests.e2e.conftest import ARTIFACTS, REPO, plot_points
 
 pytestmark = pytest.mark.e2e
 
@@ -44,18 +44,6 @@ def wait_text(page, elem_id: str, needle: str, timeout: float = 120.0) -> str:
             return text
         page.wait_for_timeout(250)
     raise AssertionError(f"#{elem_id} never showed {needle!r}; last text: {text[:500]!r}")
-
-
-def plot_points(page, elem_id: str) -> int:
-    """Points in the first trace of a plotly chart, read from the chart the browser drew."""
-    return page.evaluate(
-        """(id) => {
-            const el = document.querySelector(`#${id} .js-plotly-plot`);
-            if (!el || !el.data || !el.data.length || !el.data[0].x) return 0;
-            return el.data[0].x.length;
-        }""",
-        elem_id,
-    )
 
 
 def send(page, text: str) -> None:

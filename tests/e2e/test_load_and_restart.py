@@ -14,7 +14,7 @@ import pytest
 from studio.config import RunConfig
 from studio.jobs import JobManager, process_alive
 from studio.store import RunStatus
-from tests.e2e.conftest import ARTIFACTS, Server, stop_workers
+from tests.e2e.conftest import ARTIFACTS, Server, stop_workers, wait_plot_points
 from tests.e2e.test_reattach import long_tiny_run
 
 pytestmark = pytest.mark.e2e
@@ -130,12 +130,8 @@ def test_server_killed_and_restarted_while_a_run_trains(tmp_path, tiny_model_dir
                 arg=run.id,
                 timeout=60_000,
             )
-            page.wait_for_function(
-                "(n) => { const el = document.querySelector('#loss-plot .js-plotly-plot');"
-                " return el && el.data && el.data[0].x.length >= n; }",
-                arg=max(1, step_at_crash // 5),  # every point logged before the crash is there
-                timeout=60_000,
-            )
+            # every point logged before the crash is there
+            wait_plot_points(page, "loss-plot", max(1, step_at_crash // 5), timeout_s=60)
         finally:
             page.context.close()
         assert jobs.store.get_run(run.id).step > step_at_crash  # it went on training meanwhile

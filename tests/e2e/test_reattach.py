@@ -9,7 +9,8 @@ import pytest
 from studio.config import RunConfig
 from studio.jobs import JobManager
 from studio.store import RunStatus
-from tests.e2e.test_browser_flow import plot_points, shot, text_of, wait_text
+from tests.e2e.conftest import plot_points, wait_plot_points
+from tests.e2e.test_browser_flow import shot, text_of, wait_text
 
 pytestmark = pytest.mark.e2e
 
@@ -54,12 +55,7 @@ def test_pages_see_a_cli_run_reload_reattaches_and_abort_reaches_all(server, bro
         first.reload()
         first.get_by_role("tab", name="Train").click()
         wait_text(first, "train-status", run.id, timeout=60)  # re-attached after the reload
-        first.wait_for_function(
-            "(n) => { const el = document.querySelector('#loss-plot .js-plotly-plot');"
-            " return el && el.data && el.data[0].x.length >= n; }",
-            arg=page_points,
-            timeout=30_000,
-        )
+        wait_plot_points(first, "loss-plot", page_points, timeout_s=30)
         shot(first, "7-reattached")
 
         first.locator("#train-abort").click()
