@@ -66,3 +66,20 @@ def tiny_model_dir(tmp_path_factory, bundled_model_dir) -> Path:
     LlamaForCausalLM(config).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture
+def eval_child_pids(monkeypatch) -> list[int]:
+    """The pids of the evaluation child processes started during the test, in order."""
+    from studio import evaluate
+
+    pids: list[int] = []
+    spawn = evaluate._spawn
+
+    def record(*args, **kwargs):
+        popen = spawn(*args, **kwargs)
+        pids.append(popen.pid)
+        return popen
+
+    monkeypatch.setattr(evaluate, "_spawn", record)
+    return pids
