@@ -1,6 +1,7 @@
 """The data layer: read, validate, clean, register and tokenize datasets. Never imports gradio."""
 
 from studio.data.clean import CleanOptions, CleanReport, clean_examples
+from studio.data.doctor import DoctorFinding, DoctorReport, FixResult, apply_fixes, diagnose
 from studio.data.errors import DataError, RowError, RowIssue
 from studio.data.formats import (
     FORMATS,
@@ -37,7 +38,10 @@ __all__ = [
     "DataError",
     "DatasetEntry",
     "DatasetRegistry",
+    "DoctorFinding",
+    "DoctorReport",
     "Example",
+    "FixResult",
     "ImportReport",
     "Message",
     "PackedSample",
@@ -46,9 +50,11 @@ __all__ = [
     "Sample",
     "TokenStats",
     "ValidationReport",
+    "apply_fixes",
     "build_sample",
     "clean_examples",
     "detect_format",
+    "diagnose",
     "file_columns",
     "guess_column_map",
     "histogram",

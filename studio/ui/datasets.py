@@ -37,6 +37,15 @@ from studio.data import (
     token_stats,
     validate_rows,
 )
+from studio.data.doctor import (
+    DoctorReport,
+    apply_fixes,
+    diagnose,
+    fixable_kinds,
+    free_name,
+    row_numbers,
+    rows_to_remove,
+)
 from studio.data.formats import check_format
 from studio.models import ModelError
 from studio.ui.common import UIContext, error_message
@@ -86,6 +95,9 @@ TRAIN_OPEN, TRAIN_CLOSE = "⟦", "⟧"
 DEFAULT_CUTOFF = 512
 PREVIEW_COLUMNS = ["row", "text", "tokens", "trained tokens", "truncated"]
 TABLE_COLUMNS = ["name", "format", "rows", "bundled", "description"]
+DOCTOR_COLUMNS = ["kind", "severity", "rows", "detail", "fix", "hint"]
+DOCTOR_VAL_SIZE = 0.1  # the presets' validation share: the leakage check then has a split to check
+DOCTOR_SEED = 42  # the run config's default seed
 
 
 # ---------------------------------------------------------------- reading
@@ -476,6 +488,108 @@ def delete_dataset(home: Path, name: str | None) -> tuple:
     return f"Deleted '{name}'.", table, select, None
 
 
+# ---------------------------------------------------------------- the dataset doctor
+
+
+def findings_frame(report: DoctorReport | None) -> pd.DataFrame:
+    """One line per finding; rows numbered from 1, as in the preview."""
+    rows = [
+        {
+            "kind": f.kind,
+            "severity": f.severity,
+            "rows": row_numbers(f.rows),
+            "detail": f.detail,
+            "fix": f.fix or "",
+            "hint": f.hint,
+        }
+        for f in (report.findings if report else [])
+    ]
+    return pd.DataFrame(rows, columns=DOCTOR_COLUMNS)
+
+
+def doctor_markdown(report: DoctorReport) -> str:
+    status = "**✅ Healthy.**" if report.healthy else f"**⚠️ {len(report.warnings)} to look at.**"
+    note = "\n\nRow numbers count from 1, as in the preview." if report.findings else ""
+    return f"{status} {report.summary()}{note}"
+
+
+def _doctor_settings(cutoff: Any, val_size: Any, seed: Any) -> tuple[int, float, int]:
+    cutoff = check_cutoff(cutoff)
+    val = float(val_size or 0.0)
+    if not 0 <= val < 1:
+        raise DataError(f"The validation share must be at least 0 and below 1 (got {val_size!r}); 0.1 is typical.")
+    if seed is None or int(seed) != seed:
+        raise DataError(f"The seed must be a whole number (got {seed!r}), the same as the run's train.seed.")
+    return cutoff, val, int(seed)
+
+
+def examine_dataset(
+    home: Path,
+    name: str | None,
+    cutoff: float | None = DEFAULT_CUTOFF,
+    val_size: float | None = DOCTOR_VAL_SIZE,
+    seed: float | None = DOCTOR_SEED,
+) -> tuple:
+    """(summary, findings, report as a dict, fixed-copy name, fix kinds) for a registered dataset, checked
+    with the bundled model's tokenizer. On failure only the summary says what is wrong."""
+    if not name:
+        return "Choose a dataset in the list first.", findings_frame(None), None, gr.update(), gr.update()
+    try:
+        settings = _doctor_settings(cutoff, val_size, seed)
+        registry = DatasetRegistry(home)
+        examples = registry.load_examples(name)
+        report = diagnose(name, examples, preview_tokenizer(), *settings)
+        suggested = free_name(registry, f"{name}-clean")
+    except (DataError, ModelError) as err:
+        return error_message(err), findings_frame(None), None, gr.update(), gr.update(choices=[], value=[])
+    kinds = fixable_kinds(report.findings)
+    return (
+        doctor_markdown(report),
+        findings_frame(report),
+        report.to_dict(),
+        gr.update(value=suggested),
+        gr.update(choices=kinds, value=kinds),
+    )
+
+
+def follow_selection(home: Path, name: str | None) -> dict:
+    """The doctor's dataset follows the list's selection; it also takes any typed name (API callers)."""
+    try:
+        names = [e.name for e in DatasetRegistry(home).list()]
+    except DataError:
+        names = []
+    return gr.update(choices=names, value=name)
+
+
+def fix_dataset(
+    home: Path, name: str | None, new_name: str | None, report: dict | None, kinds: list[str] | None = None
+) -> tuple:
+    """Register a copy of `name` without the rows the chosen safe fixes remove -> (message, table, select).
+    `report` is what Examine returned: only findings the user has seen are applied."""
+    if not name:
+        return "Choose a dataset in the list first.", gr.update(), gr.update()
+    if not report:
+        return f"Examine '{name}' first: the fixes apply to the findings shown.", gr.update(), gr.update()
+    try:
+        parsed = DoctorReport.from_dict(report)
+        if parsed.dataset != name:
+            raise DataError(
+                f"The findings shown are for '{parsed.dataset}', not '{name}'. Press Examine for '{name}' first."
+            )
+        chosen = set(kinds) if kinds is not None else None
+        if chosen is not None and not rows_to_remove(parsed.findings, chosen):
+            raise DataError("No fix is chosen, or the chosen ones remove nothing. Tick at least one kind of fix.")
+        entry, result = apply_fixes(DatasetRegistry(home), name, parsed, (new_name or "").strip(), chosen)
+    except DataError as err:
+        return error_message(err), gr.update(), gr.update()
+    message = (
+        f"**Registered '{entry.name}'**: {entry.rows} examples; {result.summary()}. '{name}' is unchanged, "
+        "so runs that used it can be repeated."
+    )
+    table, select, _ = list_datasets(home, entry.name)
+    return message, table, select
+
+
 # ---------------------------------------------------------------- layout and wiring
 
 
@@ -536,6 +650,42 @@ def build(ctx: UIContext, tab) -> None:
         refresh = gr.Button("Refresh", elem_id="ds-refresh", scale=1)
     entry = gr.JSON(label="Entry", elem_id="ds-entry")
 
+    with gr.Accordion("Dataset doctor", open=False, elem_id="doctor"):
+        gr.Markdown(
+            "Examine a registered dataset (it follows the list's selection) with the cutoff length set above: "
+            "duplicates and near copies, prompts with conflicting answers, length and language outliers, answers "
+            "that lose their EOS, and rows that leak across the train / validation split. Fixes register a "
+            "cleaned copy under a new name; the original is never changed."
+        )
+        with gr.Row():
+            doctor_dataset = gr.Dropdown(
+                choices=[],
+                value=None,
+                allow_custom_value=True,
+                label="Dataset to examine",
+                elem_id="doctor-dataset",
+                scale=2,
+            )
+            doctor_val = gr.Number(
+                value=DOCTOR_VAL_SIZE,
+                minimum=0,
+                maximum=0.99,
+                label="Validation share (for the leakage check; 0 = no split)",
+                elem_id="doctor-val-size",
+            )
+            doctor_seed = gr.Number(value=DOCTOR_SEED, precision=0, label="Seed (the run's)", elem_id="doctor-seed")
+            examine = gr.Button("Examine", elem_id="doctor-run")
+        doctor_summary = gr.Markdown(elem_id="doctor-summary")
+        findings = gr.Dataframe(
+            value=findings_frame(None), interactive=False, wrap=True, label="Findings", elem_id="doctor-findings"
+        )
+        with gr.Row():
+            fix_kinds = gr.CheckboxGroup(choices=[], value=[], label="Fixes to apply", elem_id="doctor-fix-kinds")
+            fix_name = gr.Textbox(value="", label="Name of the fixed copy", elem_id="doctor-fix-name")
+            fix = gr.Button("Apply safe fixes", variant="primary", elem_id="doctor-fix")
+        with gr.Accordion("Report (JSON)", open=False):
+            report_json = gr.JSON(label="Report", elem_id="doctor-report")
+
     source = [upload, path, fmt]
     check_inputs = [*source, cutoff, skip_invalid]
     # the column map travels as keyword arguments: API callers pass e.g. output="answer" by name
@@ -564,6 +714,18 @@ def build(ctx: UIContext, tab) -> None:
     delete.click(
         functools.partial(delete_dataset, home), select, [message, table, select, entry], api_name="delete_dataset"
     )
+    examine.click(
+        functools.partial(examine_dataset, home),
+        [doctor_dataset, cutoff, doctor_val, doctor_seed],
+        [doctor_summary, findings, report_json, fix_name, fix_kinds],
+        api_name="dataset_doctor",
+    )
+    fix.click(
+        functools.partial(fix_dataset, home),
+        [doctor_dataset, fix_name, report_json, fix_kinds],
+        [doctor_summary, table, select],
+        api_name="dataset_doctor_fix",
+    )
 
     # Automatic events last: private events are named after their function too, and the first event
     # to claim a name keeps it (check_dataset must stay the Check button's).
@@ -572,6 +734,8 @@ def build(ctx: UIContext, tab) -> None:
             check_dataset, check_inputs, check_outputs, api_visibility="private", inputs_kwargs=columns
         )
 
+    # the doctor examines what the list has selected (also after a fix selects the new copy)
+    select.change(functools.partial(follow_selection, home), select, doctor_dataset, api_visibility="private")
     fill_then_check(upload.upload)
     fill_then_check(path.submit)
     fill_then_check(fmt.input)

@@ -232,3 +232,94 @@ def test_build_inside_blocks(home):
     assert expected <= ids
     api_names = {fn.api_name for fn in demo.fns.values()}
     assert {"register_dataset", "check_dataset", "list_datasets"} <= api_names
+
+
+# ---------------------------------------------------------------- the dataset doctor
+
+
+def messy_file(tmp_path: Path) -> str:
+    rows = [
+        {"instruction": f"Question {i} about {w}?", "output": f"The answer to {w} is {w} number {i}, as always."}
+        for i, w in enumerate(["rivers", "stones", "clouds", "lanterns", "harbors", "meadows", "engines"] * 2)
+    ]
+    rows[5] = {"instruction": rows[1]["instruction"].upper(), "output": rows[1]["output"]}  # a copy
+    rows[8] = {"instruction": "Say something.", "output": "..."}  # an empty answer
+    rows[9] = {"instruction": "Is it raining?", "output": "Yes, it has rained all morning long."}
+    rows[10] = {"instruction": "is it raining", "output": "No, the sky has been clear all day."}  # a conflict
+    return write_jsonl(tmp_path / "messy.jsonl", rows)
+
+
+def test_doctor_finds_a_bundled_sample_healthy(home):
+    summary, findings, report, fix_name, kinds = ui.examine_dataset(home, "studio-facts", 512, 0.1, 42)
+    assert summary.startswith("**✅ Healthy.**") and "'studio-facts': 72 rows, no problems found." in summary
+    assert findings.empty and list(findings.columns) == ui.DOCTOR_COLUMNS
+    assert report["dataset"] == "studio-facts" and report["healthy"] is True
+    assert report["settings"]["val_size"] == 0.1 and report["settings"]["cutoff_len"] == 512
+    assert fix_name["value"] == "studio-facts-clean" and kinds["choices"] == [] and kinds["value"] == []
+
+
+def test_doctor_lists_findings_and_registers_a_fixed_copy(home, tmp_path):
+    ui.register_dataset(home, messy_file(tmp_path), "", "auto", "messy")
+    summary, findings, report, fix_name, kinds = ui.examine_dataset(home, "messy", 512, 0.0, 42)
+    assert summary.startswith("**⚠️ 3 to look at.**") and "Row numbers count from 1" in summary
+    shown = {row["kind"]: row for _, row in findings.iterrows()}
+    assert shown["exact_duplicate"]["rows"] == "2, 6" and shown["exact_duplicate"]["fix"] == "dedupe"
+    assert shown["length_outlier"]["rows"] == "9" and shown["length_outlier"]["severity"] == "warning"
+    assert shown["conflicting_answers"]["rows"] == "10, 11" and shown["conflicting_answers"]["fix"] == ""
+    assert "Keep the right answer" in shown["conflicting_answers"]["hint"]
+    assert kinds["choices"] == kinds["value"] == ["exact_duplicate", "length_outlier"]
+    assert fix_name["value"] == "messy-clean"
+
+    message, table, select = ui.fix_dataset(home, "messy", fix_name["value"], report, kinds["value"])
+    assert message.startswith("**Registered 'messy-clean'**: 12 examples; removed 2 of 14 rows of 'messy'")
+    assert "'messy' is unchanged" in message
+    assert table.set_index("name").loc["messy-clean", "rows"] == 12 and select["value"] == "messy-clean"
+    assert DatasetRegistry(home).get("messy").rows == 14
+    # the next suggestion avoids the name now taken; only the chosen kinds are applied
+    assert ui.examine_dataset(home, "messy", 512, 0.0, 42)[3]["value"] == "messy-clean-2"
+    message, _, _ = ui.fix_dataset(home, "messy", "messy-copy-only", report, ["exact_duplicate"])
+    assert "13 examples; removed 1 of 14 rows" in message
+
+
+def test_doctor_refusals_change_nothing(home, tmp_path):
+    ui.register_dataset(home, messy_file(tmp_path), "", "auto", "messy")
+    report = ui.examine_dataset(home, "messy", 512, 0.0, 42)[2]
+    before = [e.to_dict() for e in DatasetRegistry(home).list()]
+    unchanged = ({"__type__": "update"}, {"__type__": "update"})
+
+    def refused(*args) -> str:
+        message, *rest = ui.fix_dataset(home, *args)
+        assert tuple(rest) == unchanged
+        return message
+
+    assert (
+        refused("messy", "messy-clean", None, None) == "Examine 'messy' first: the fixes apply to the findings shown."
+    )
+    assert "findings shown are for 'messy', not 'studio-facts'" in refused("studio-facts", "x", report, None)
+    assert "A dataset named 'messy' already exists" in refused("messy", "messy", report, None)
+    assert "No fix is chosen" in refused("messy", "messy-clean", report, [])
+    assert "Choose a dataset" in refused(None, "x", report, None)
+    assert [e.to_dict() for e in DatasetRegistry(home).list()] == before
+
+    summary, findings, report, _, _ = ui.examine_dataset(home, "messy", 512, 1.5, 42)
+    assert "validation share must be at least 0 and below 1" in summary and report is None and findings.empty
+    assert "no dataset named 'nope'" in ui.examine_dataset(home, "nope", 512, 0.1, 42)[0]
+    assert ui.examine_dataset(home, None)[0] == "Choose a dataset in the list first."
+
+
+def test_doctor_widgets_and_endpoints_exist(home):
+    import gradio as gr
+
+    from studio.ui.common import UIContext
+
+    with gr.Blocks() as demo, gr.Tab("Datasets") as tab:
+        ui.build(UIContext(home), tab)
+    ids = {block.elem_id for block in demo.blocks.values()}
+    expected = {"doctor-run", "doctor-summary", "doctor-findings", "doctor-fix-name", "doctor-fix", "doctor-dataset"}
+    assert expected | {"doctor-val-size", "doctor-seed", "doctor-fix-kinds", "doctor-report"} <= ids
+    assert {"dataset_doctor", "dataset_doctor_fix"} <= {fn.api_name for fn in demo.fns.values()}
+
+
+def test_doctor_dataset_follows_the_list_selection(home):
+    update = ui.follow_selection(home, "studio-chats")
+    assert update["value"] == "studio-chats" and {"studio-facts", "studio-chats"} <= set(update["choices"])
