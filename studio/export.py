@@ -13,6 +13,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from studio.card import CARD_DIR
 from studio.models import load_model, load_tokenizer, resolve_model
 from studio.train import ADAPTER_DIR
 
@@ -86,7 +87,7 @@ def _finish(tmp: Path, out_dir: Path) -> ExportResult:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
-    files = sorted((p.name, p.stat().st_size) for p in out_dir.iterdir() if p.is_file())
+    files = sorted((p.relative_to(out_dir).as_posix(), p.stat().st_size) for p in out_dir.rglob("*") if p.is_file())
     return ExportResult(out_dir, files)
 
 
@@ -115,7 +116,8 @@ def merge_adapter(adapter_dir: Path, out_dir: Path, dtype: str = "fp32", overwri
 
 
 def export_adapter(adapter_dir: Path, out_dir: Path, overwrite: bool = False) -> ExportResult:
-    """The adapter alone (PEFT format, tokenizer and run.json beside it)."""
+    """The adapter alone (PEFT format, tokenizer and run.json beside it), with its run card (README.md and
+    the card's images) when one was written."""
     adapter_dir = Path(adapter_dir)
     out_dir = _prepare_out(out_dir, overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent))
@@ -123,6 +125,8 @@ def export_adapter(adapter_dir: Path, out_dir: Path, overwrite: bool = False) ->
         for item in adapter_dir.iterdir():
             if item.is_file():
                 shutil.copy2(item, tmp / item.name)
+        if (adapter_dir / CARD_DIR).is_dir():
+            shutil.copytree(adapter_dir / CARD_DIR, tmp / CARD_DIR)
         return _finish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
