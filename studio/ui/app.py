@@ -1,6 +1,6 @@
 """build_app() -> gr.Blocks; launch() serves it. Nothing is launched at import time.
 
-Tabs are modules (datasets, train, runs, chat, export), each `build(ctx, tab)`. The page holds no run
+Tabs are modules (datasets, train, runs, chat, evaluate, export), each `build(ctx, tab)`. The page holds no run
 state of its own: everything it shows is read from the store, so several browser tabs, reloads and
 runs started from the CLI all see the same thing.
 """
@@ -15,7 +15,7 @@ import gradio as gr
 
 from studio.paths import bundled_datasets_dir, ensure_home, models_cache_dir, studio_home
 from studio.security import ROOTS_ENV
-from studio.ui import chat, datasets, export, runs, train
+from studio.ui import chat, datasets, evaluate, export, runs, train
 from studio.ui.common import UIContext
 
 TITLE = "LoRA Studio"
@@ -29,6 +29,7 @@ TABS = (
     ("Train", "tab-train", train.build),
     ("Runs", "tab-runs", runs.build),
     ("Chat", "tab-chat", chat.build),
+    ("Evaluate", "tab-evaluate", evaluate.build),
     ("Export", "tab-export", export.build),
 )
 

@@ -99,3 +99,32 @@ def overlay_figure(curves: dict[str, Sequence[Metric]], smoothed: bool = True) -
         steps, loss = series(metrics, "loss")
         fig.add_trace(go.Scatter(x=steps, y=ema(loss) if smoothed else loss, name=label, mode="lines"))
     return fig
+
+
+def sweep_figure(curves: dict[str, Sequence[Metric]]) -> go.Figure:
+    """A sweep's runs on one chart: eval loss (what the pick is made on) as lines with markers, and the
+    smoothed train loss dotted in the same colour, so a run that learns the train set but not the eval
+    split stands out."""
+    if not curves:
+        return empty_figure("Sweep: eval loss by run", "Pick a sweep")
+    fig = _figure("Sweep: eval loss by run", "loss")
+    palette = ("#f97316", "#2563eb", "#16a34a", "#9333ea", "#dc2626", "#0891b2", "#ca8a04", "#db2777")
+    for i, (label, metrics) in enumerate(curves.items()):
+        color = palette[i % len(palette)]
+        eval_steps, eval_loss = series(metrics, "eval_loss")
+        steps, loss = series(metrics, "loss")
+        if eval_steps:
+            fig.add_trace(
+                go.Scatter(x=eval_steps, y=eval_loss, name=f"{label} eval", mode="lines+markers", line={"color": color})
+            )
+        fig.add_trace(
+            go.Scatter(
+                x=steps,
+                y=ema(loss),
+                name=f"{label} train",
+                mode="lines",
+                line={"color": color, "dash": "dot"},
+                opacity=0.6,
+            )
+        )
+    return fig

@@ -37,3 +37,17 @@ def error_message(err: BaseException) -> str:
     if problems:
         return "**Please fix:**\n" + "\n".join(f"- {p}" for p in problems)
     return f"**Error:** {err}"
+
+
+SEVERITY_MARK = {"critical": "⛔", "warning": "⚠️", "info": "💡"}
+
+
+def coach_markdown(advice: list) -> str:
+    """The coach's findings (studio.coach.Advice) as a short list: what is wrong, with figures, and the fix."""
+    if not advice:
+        return "**Coach:** nothing to flag so far."
+    lines = ["**Coach:**"]
+    for a in advice:
+        where = f" (step {a.step})" if a.step is not None else ""
+        lines.append(f"- {SEVERITY_MARK.get(a.severity, '•')} **{a.title}**{where}: {a.detail} **Fix:** {a.fix}")
+    return "\n".join(lines)

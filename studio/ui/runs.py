@@ -5,6 +5,7 @@ Callbacks are module-level functions of a UIContext and plain values; `build` on
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import yaml
 from studio.jobs import CONFIG_FILE, JobError
 from studio.store import Run, RunNotFound, iso
 from studio.ui import charts
-from studio.ui.common import UIContext, error_message
+from studio.ui.common import UIContext, coach_markdown, error_message
 from studio.ui.train import format_duration
 
 COLUMNS = ["id", "name", "status", "dataset", "model", "r", "alpha", "lr", "steps", "final loss", "duration", "created"]
@@ -121,6 +122,117 @@ def toggle_selection(selected: Sequence[str] | None, run_id: str) -> list[str]:
     return [r for r in selected if r != run_id] if run_id in selected else [*selected, run_id]
 
 
+# -- sweeps: a group of short scan runs, compared, with a pick ------------------------------------
+
+SWEEP_COLUMNS = ["pick", "run", "values", "status", "train loss", "eval loss", "trainable", "time", "peak MiB"]
+
+
+def sweep_choices(ctx: UIContext) -> list[tuple[str, str]]:
+    """(label, id) per sweep, newest first."""
+    out = []
+    for sweep in ctx.jobs.store.list_sweeps():
+        params = ", ".join(f"{p['path']}={','.join(str(v) for v in p['values'])}" for p in sweep.params)
+        out.append((f"{sweep.name} · {params} · {iso(sweep.created_at)}", sweep.id))
+    return out
+
+
+def _fmt(value, digits: int = 4):
+    return None if value is None else round(value, digits)
+
+
+def sweep_frame(rows, pick) -> pd.DataFrame:
+    data = [
+        {
+            "pick": "★" if pick is not None and row.run_id == pick.run_id else "",
+            "run": row.run_id,
+            "values": ", ".join(f"{k}={v}" for k, v in row.values.items()),
+            "status": row.status,
+            "train loss": _fmt(row.final_train_loss),
+            "eval loss": _fmt(row.final_eval_loss),
+            "trainable": None if row.trainable_params is None else f"{row.trainable_params:,}",
+            "time": format_duration(row.seconds) if row.seconds is not None else "",
+            "peak MiB": None if row.peak_memory_mb is None else round(row.peak_memory_mb),
+        }
+        for row in rows
+    ]
+    return pd.DataFrame(data, columns=SWEEP_COLUMNS)
+
+
+def pick_markdown(sweep, rows, pick) -> str:
+    done = sum(1 for r in rows if r.status == "completed")
+    head = f"**Sweep `{sweep.id}`**: {done} of {len(rows)} scan runs completed ({sweep.scan_steps} steps each)."
+    if sweep.long_run_id:
+        head += f" Long run started from the pick: `{sweep.long_run_id}`."
+    if pick is None:
+        return head + "\n\nNo pick yet: it appears when a scan run completes."
+    values = ", ".join(f"`{k}={v}`" for k, v in pick.values.items())
+    return f"{head}\n\n**Recommended pick:** {values} (run `{pick.run_id}`). {pick.reason}"
+
+
+def sweep_view(ctx: UIContext, sweep_id: str | None) -> tuple:
+    """(figure, table, pick text) for one sweep, read from the store."""
+    if not sweep_id:
+        return charts.sweep_figure({}), sweep_frame([], None), "Pick a sweep to compare its runs."
+    try:
+        sweep, rows, pick = ctx.jobs.sweep_summary(sweep_id)
+    except (KeyError, ValueError, JobError) as err:
+        return charts.sweep_figure({}), sweep_frame([], None), error_message(err)
+    store = ctx.jobs.store
+    labels = {r.run_id: ", ".join(f"{k.split('.')[-1]}={v}" for k, v in r.values.items()) for r in rows}
+    curves = {labels[r.run_id]: store.metrics(r.run_id) for r in rows}
+    return charts.sweep_figure(curves), sweep_frame(rows, pick), pick_markdown(sweep, rows, pick)
+
+
+def sweep_active(ctx: UIContext, sweep_id: str | None) -> bool:
+    """Whether any run of the sweep (its long run included) is still queued or running."""
+    if not sweep_id:
+        return False
+    try:
+        runs = ctx.jobs.store.runs_of_sweep(sweep_id)
+    except (KeyError, ValueError):
+        return False
+    return any(not r.status.finished for r in runs)
+
+
+def promote_sweep(ctx: UIContext, sweep_id: str | None) -> str:
+    """Queue the long run from the sweep's pick (the base config's own length, the pick's values)."""
+    if not sweep_id:
+        return "Pick a sweep first."
+    try:
+        run = ctx.jobs.promote_sweep(sweep_id)
+    except (KeyError, ValueError, JobError) as err:
+        return error_message(err)
+    return f"Long run `{run.id}` queued from the pick. Watch it in the Train tab."
+
+
+# -- run cards and the coach for the selected run --------------------------------------------------
+
+
+def write_run_card(ctx: UIContext, run_id: str | None) -> tuple[str, str | None]:
+    """Write the run's Markdown card next to its adapter; (markdown shown in the page, file to download)."""
+    if not run_id:
+        return "Select a run first.", None
+    from studio.card import CardError, write_card
+
+    try:
+        path = write_card(ctx.home, run_id)
+    except (CardError, RunNotFound) as err:
+        return error_message(err), None
+    return path.read_text(), str(path)
+
+
+def run_coach(ctx: UIContext, run_id: str | None) -> str:
+    if not run_id:
+        return ""
+    from studio.coach import advice_for_run
+
+    try:
+        run = ctx.jobs.store.get_run(run_id)
+    except RunNotFound as err:
+        return error_message(err)
+    return coach_markdown(advice_for_run(ctx.jobs.store, run))
+
+
 def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:
     runs = ctx.jobs.store.list_runs()
     table = gr.Dataframe(runs_frame(runs), label="Runs", interactive=False, elem_id="runs-table")
@@ -132,10 +244,26 @@ def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:
         delete_btn = gr.Button("Delete selected", variant="stop", elem_id="runs-delete", scale=1)
     message = gr.Markdown(elem_id="runs-message")
     plot = gr.Plot(charts.overlay_figure({}), label="Loss by run", elem_id="runs-overlay")
+    coach = gr.Markdown(elem_id="runs-coach")
     with gr.Row():
         config = gr.Code(language="yaml", label="Config (last selected run)", elem_id="runs-config")
         log = gr.Textbox(label="Log (last selected run)", lines=16, max_lines=16, elem_id="runs-log")
+    with gr.Row():
+        card_btn = gr.Button("Write run card (last selected run)", elem_id="runs-card", scale=1)
+        card_file = gr.File(label="Run card", elem_id="runs-card-file", interactive=False, scale=2)
+    card_text = gr.Markdown(elem_id="runs-card-text")
     known = gr.State([])
+
+    with gr.Accordion("Sweeps", open=True):
+        with gr.Row():
+            sweep = gr.Dropdown(
+                sweep_choices(ctx), value=None, label="Sweep", elem_id="sweep-select", scale=4, allow_custom_value=True
+            )
+            sweep_refresh = gr.Button("Refresh", elem_id="sweep-refresh", scale=1)
+            promote = gr.Button("Start long run from pick", variant="primary", elem_id="sweep-promote", scale=1)
+        sweep_pick = gr.Markdown(elem_id="sweep-pick")
+        sweep_table = gr.Dataframe(sweep_frame([], None), interactive=False, elem_id="sweep-table")
+        sweep_plot = gr.Plot(charts.sweep_figure({}), elem_id="sweep-plot")
 
     def do_refresh(selected, last):
         frame, choices, kept, ids = refresh(ctx, selected, last)
@@ -144,7 +272,7 @@ def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:
 
     def show(selected):
         last = selected[-1] if selected else None
-        return overlay(ctx, selected), run_config_yaml(ctx, last), run_log(ctx, last)
+        return overlay(ctx, selected), run_config_yaml(ctx, last), run_log(ctx, last), run_coach(ctx, last)
 
     def on_row(selected, evt: gr.SelectData):
         row = evt.row_value or []
@@ -153,7 +281,7 @@ def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:
     refresh_outputs = [table, select, known]
     refresh_btn.click(do_refresh, [select, gr.State(None)], refresh_outputs, api_name=False)
     gr.Timer(3.0).tick(do_refresh, [select, known], refresh_outputs, api_name=False, show_progress="hidden")
-    select.change(show, select, [plot, config, log], api_name=False)
+    select.change(show, select, [plot, config, log, coach], api_name=False)
     table.select(on_row, select, select, api_name=False)
     delete_btn.click(lambda ids: delete_runs(ctx, ids), select, message, api_name="delete_runs").then(
         do_refresh, [select, gr.State(None)], refresh_outputs, api_name=False
@@ -163,5 +291,49 @@ def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:
         return list_runs(ctx)
 
     gr.api(api_list_runs, api_name="list_runs")
+
+    def on_card(selected):
+        text, path = write_run_card(ctx, selected[-1] if selected else None)
+        return text, path
+
+    card_btn.click(on_card, select, [card_text, card_file], api_name=False)
+
+    def api_run_card(run_id: str) -> str:
+        return write_run_card(ctx, run_id)[0]
+
+    gr.api(api_run_card, api_name="run_card")
+
+    sweep_outputs = [sweep_plot, sweep_table, sweep_pick]
+
+    def refresh_sweeps(current):
+        choices = sweep_choices(ctx)
+        ids = [sweep_id for _, sweep_id in choices]
+        value = current if current in ids else (ids[0] if ids else None)
+        return gr.update(choices=choices, value=value), *sweep_view(ctx, value)
+
+    sweep.change(lambda sweep_id: sweep_view(ctx, sweep_id), sweep, sweep_outputs, api_name=False)
+    sweep_refresh.click(refresh_sweeps, sweep, [sweep, *sweep_outputs], api_name=False)
+    promote.click(lambda sweep_id: promote_sweep(ctx, sweep_id), sweep, message, api_name="promote_sweep").then(
+        refresh_sweeps, sweep, [sweep, *sweep_outputs], api_name=False
+    )
+
+    def api_sweep_summary(sweep_id: str) -> dict:
+        sweep_obj, rows, pick = ctx.jobs.sweep_summary(sweep_id)
+        return {
+            "sweep": sweep_obj.id,
+            "rows": [dataclasses.asdict(r) for r in rows],
+            "pick": None if pick is None else dataclasses.asdict(pick),
+        }
+
+    gr.api(api_sweep_summary, api_name="sweep_summary")
+    # While scan runs train, the view follows them; a finished sweep is not redrawn.
+    gr.Timer(3.0).tick(
+        lambda sweep_id: sweep_view(ctx, sweep_id) if sweep_active(ctx, sweep_id) else (gr.skip(),) * 3,
+        sweep,
+        sweep_outputs,
+        api_name=False,
+        show_progress="hidden",
+    )
     if tab is not None:
         tab.select(do_refresh, [select, gr.State(None)], refresh_outputs, api_name=False)
+        tab.select(refresh_sweeps, sweep, [sweep, *sweep_outputs], api_name=False)

@@ -3,7 +3,6 @@ an exception fails the run with its reason. Behaviour, not learning, is under te
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import time
@@ -15,27 +14,13 @@ from studio.config import RunConfig
 from studio.jobs import JobManager, process_alive
 from studio.store import RunStatus
 from studio.train import checkpoint_step, latest_checkpoint
+from tests.builders import small_run_config
 
 pytestmark = pytest.mark.integration
 
 
 def tiny_config(model_dir, max_steps: int, **train) -> RunConfig:
-    cfg = RunConfig(name="tiny")
-    cfg.model.source = str(model_dir)
-    cfg.data.datasets = ["studio-facts"]
-    cfg.data.cutoff_len = 64
-    cfg.lora.r = 4
-    cfg.train.max_steps = max_steps
-    cfg.train.batch_size = 4
-    cfg.train.grad_accum = 1
-    cfg.train.logging_steps = 1
-    cfg.train.save_steps = 10
-    cfg.train.save_total_limit = 2
-    cfg.train.learning_rate = 1e-3
-    cfg.train.num_threads = 1
-    for key, value in train.items():
-        setattr(cfg.train, key, value)
-    return cfg
+    return small_run_config(model_dir, train={"max_steps": max_steps, "save_steps": 10, "save_total_limit": 2, **train})
 
 
 def wait_for(predicate, timeout: float = 120.0, poll: float = 0.05):
@@ -46,16 +31,6 @@ def wait_for(predicate, timeout: float = 120.0, poll: float = 0.05):
             return value
         time.sleep(poll)
     raise AssertionError("condition not met in time")
-
-
-@pytest.fixture
-def jobs(home):
-    manager = JobManager(home)
-    yield manager
-    for run in manager.store.list_runs(RunStatus.RUNNING):  # never leave a worker behind
-        if run.pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(run.pid, signal.SIGKILL)
 
 
 def test_sigterm_saves_a_checkpoint_and_aborts(jobs, tiny_model_dir):

@@ -25,7 +25,8 @@ def test_preset_by_name_with_overrides():
     assert cfg.train.max_steps == 3 and cfg.lora.r == 4 and cfg.data.datasets == ["studio-facts"]
 
 
-def test_bad_hyperparameters_exit_2_with_one_line(home, capsys):
+def test_bad_hyperparameters_exit_2_with_one_line(home, bundled_model_dir, capsys):
+    # bundled_model_dir: the one-time conversion's progress bar is not part of the error output under test
     code = main(["train", "quick-demo", "--set", "lora.r=0", "--set", "train.learning_rate=-1", "--detach"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("error:")

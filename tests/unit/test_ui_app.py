@@ -37,6 +37,32 @@ REQUIRED_IDS = [
     "export-run",
     "export-merge",
     "export-message",
+    # issue 7: sweeps, the coach, evaluation, the dataset doctor, run cards
+    "sweep-param",
+    "sweep-values",
+    "sweep-steps",
+    "sweep-start",
+    "sweep-select",
+    "sweep-table",
+    "sweep-plot",
+    "sweep-pick",
+    "sweep-promote",
+    "train-coach",
+    "runs-coach",
+    "runs-card",
+    "train-early-stopping",
+    "train-stop-on-divergence",
+    "eval-run",
+    "eval-dataset",
+    "eval-start",
+    "eval-status",
+    "eval-table",
+    "eval-examples",
+    "doctor-run",
+    "doctor-summary",
+    "doctor-findings",
+    "doctor-fix-name",
+    "doctor-fix",
 ]
 
 REQUIRED_ENDPOINTS = {
@@ -53,6 +79,13 @@ REQUIRED_ENDPOINTS = {
     "chat_load",
     "export_merged",
     "export_adapter",
+    "start_sweep",
+    "sweep_summary",
+    "promote_sweep",
+    "run_card",
+    "evaluate_run",
+    "dataset_doctor",
+    "dataset_doctor_fix",
 }
 
 
