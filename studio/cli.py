@@ -188,6 +188,10 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 # -- datasets -----------------------------------------------------------------------------------
 def cmd_datasets(args: argparse.Namespace) -> int:
+    if args.action == "doctor":
+        from studio.data.doctor import run_cli
+
+        return run_cli(args)
     from studio.data import DatasetRegistry
 
     registry = DatasetRegistry()
@@ -323,6 +327,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return launch(host=policy.host, port=args.port, auth=policy.auth, allowed_roots=policy.allowed_roots)
 
 
+def cmd_join(args: argparse.Namespace) -> int:
+    from studio.paths import ensure_home
+    from studio.worker import join
+
+    return join(load_run_config(args.config, args.set), ensure_home(), args.machine_rank)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="studio", description="LoRA Studio: fine-tune language models with LoRA/QLoRA.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -347,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.max_steps=10")
     s.add_argument("--detach", action="store_true", help="queue it and return at once")
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("join", help="take part from this machine in a several-machine run machine 0 started")
+    s.add_argument("config", help="the run's config (the same file machine 0 trains)")
+    s.add_argument("--machine-rank", type=int, required=True, help="this machine's number: 1, 2, ...")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.seed=1")
+    s.set_defaults(func=cmd_join)
 
     s = sub.add_parser("runs", help="list runs")
     s.add_argument("--json", action="store_true")
@@ -395,6 +412,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("name")
     d = dsub.add_parser("import", help="import a LLaMA-Factory data folder's dataset_info.json")
     d.add_argument("path")
+    from studio.data.doctor import add_arguments as add_doctor_arguments
+
+    d = dsub.add_parser(
+        "doctor",
+        help="find near-duplicates, conflicts, outliers, missing EOS and leakage; --fix registers a clean copy",
+    )
+    add_doctor_arguments(d)
     s.set_defaults(func=cmd_datasets)
 
     s = sub.add_parser("export", help="merge a run's adapter into its base, or copy the adapter")
@@ -419,6 +443,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repair", action="store_true", help="fix what can be fixed safely (moves leftovers to trash/)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_doctor)
+
+    from studio import card, sweep
+    from studio import evaluate as evaluation
+
+    s = sub.add_parser("eval", help="evaluate a finished run: loss, perplexity and answers, base vs adapter")
+    evaluation.add_arguments(s)
+    s.set_defaults(func=evaluation.run_cli)
+
+    s = sub.add_parser("sweep", help="scan a parameter with short runs, compare them, train the pick longer")
+    sweep.add_arguments(s)
+
+    s = sub.add_parser("card", help="write a run's Markdown card (README.md beside the adapter, curves as SVG)")
+    card.add_arguments(s)
+    s.set_defaults(func=card.run_cli)
 
     s = sub.add_parser("model", help="inspect a model: linear layers and LoRA parameter count (no weights loaded)")
     s.add_argument("source", nargs="?", default="bundled")

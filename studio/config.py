@@ -32,6 +32,8 @@ OPTIMIZERS = (
     "sgd",
 )
 BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+STRATEGIES = ("ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3")
+SHARDING = ("fsdp", "deepspeed-zero3")  # strategies that split the base weights themselves across processes
 
 
 class ConfigError(ValueError):
@@ -189,6 +191,20 @@ class TrainSpec:
     eval_steps: int = field(default=50, metadata=_help("Evaluate on the validation split every N steps."))
     save_steps: int = field(default=100, metadata=_help("Save a resumable checkpoint every N steps."))
     save_total_limit: int = field(default=3, metadata=_help("Keep at most this many checkpoints."))
+    stop_on_divergence: bool = field(
+        default=True,
+        metadata=_help(
+            "Stop automatically when the loss turns NaN or explodes, saying why and what to change; the "
+            "checkpoints from before it are kept."
+        ),
+    )
+    early_stopping_patience: int = field(
+        default=0,
+        metadata=_help(
+            "Stop after this many evaluations without a lower eval loss; the adapter is then the best one seen. "
+            "0 = off. Needs data.val_size > 0."
+        ),
+    )
     compute_type: str = field(default="fp32", metadata=_help("bf16 on modern GPUs, fp16 on older ones, fp32 on CPU."))
     device: str = field(default="auto", metadata=_help("'auto' (CUDA, MPS, else CPU) or a fixed device."))
     num_threads: int | None = field(default=None, metadata=_help("CPU threads for training; empty = all cores."))
@@ -224,6 +240,121 @@ class TrainSpec:
             p.append(f"train.num_threads must be empty or at least 1 (got {self.num_threads!r}).")
         if not _is_int(self.seed):
             p.append(f"train.seed must be a whole number (got {self.seed!r}).")
+        if not isinstance(self.stop_on_divergence, bool):
+            p.append(f"train.stop_on_divergence must be true or false (got {self.stop_on_divergence!r}).")
+        if not _is_int(self.early_stopping_patience) or self.early_stopping_patience < 0:
+            p.append(
+                "train.early_stopping_patience must be 0 (off) or a whole number of evaluations "
+                f"(got {self.early_stopping_patience!r}); 3 is typical."
+            )
+        return p
+
+
+@dataclass
+class DistributionSpec:
+    processes: int = field(
+        default=1,
+        metadata=_help(
+            "Training processes, all machines together. 1 = one worker; 2+ = data parallel through "
+            "`accelerate launch`: one process per GPU, or DDP over gloo on CPU."
+        ),
+    )
+    strategy: str = field(
+        default="ddp",
+        metadata=_help(
+            "'ddp': every process holds the model, LoRA's small gradients are averaged (the usual choice). "
+            "'fsdp' or 'deepspeed-zero3' shard the base weights too, for models one GPU cannot hold; "
+            "'deepspeed-zero2' shards optimizer states and gradients."
+        ),
+    )
+    offload: bool = field(
+        default=False,
+        metadata=_help("DeepSpeed only: keep optimizer states (ZeRO-3: weights too) in CPU RAM. Slower; fits more."),
+    )
+    devices: str = field(
+        default="auto",
+        metadata=_help("GPUs for this run: 'auto' (the queue hands out free ones) or CUDA ids like '0,1'."),
+    )
+    num_machines: int = field(
+        default=1, metadata=_help("Machines taking part; each other machine joins with `studio join` (README).")
+    )
+    machine_rank: int = field(default=0, metadata=_help("This machine's number: 0 runs the studio, 1.. join it."))
+    main_address: str = field(
+        default="", metadata=_help("Several machines: IP or host name of machine 0, reachable from the others.")
+    )
+    main_port: int = field(
+        default=0, metadata=_help("Port where the processes meet on machine 0; 0 = any free port (one machine).")
+    )
+
+    @property
+    def launched(self) -> bool:
+        """Whether the worker goes through `accelerate launch` (more than one process anywhere)."""
+        return (_is_int(self.processes) and self.processes > 1) or (
+            _is_int(self.num_machines) and self.num_machines > 1
+        )
+
+    @property
+    def per_machine(self) -> int:
+        return max(1, self.processes // max(1, self.num_machines))
+
+    def device_ids(self) -> list[int] | None:
+        """The CUDA ids the user pinned, or None for 'auto'. Raises ValueError on a malformed list."""
+        text = str(self.devices).strip().lower()
+        if text in ("", "auto"):
+            return None
+        ids = [int(part) for part in text.split(",") if part.strip()]
+        if not ids or any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+            raise ValueError(text)
+        return ids
+
+    def validate(self) -> list[str]:
+        p: list[str] = []
+        if not _is_int(self.processes) or not 1 <= self.processes <= 1024:
+            p.append(f"distribution.processes must be a whole number from 1 (got {self.processes!r}).")
+        if self.strategy not in STRATEGIES:
+            p.append(f"distribution.strategy must be one of {', '.join(STRATEGIES)} (got {self.strategy!r}).")
+        if self.offload and not str(self.strategy).startswith("deepspeed"):
+            p.append("distribution.offload needs a DeepSpeed strategy (deepspeed-zero2/3): change one of them.")
+        try:
+            ids = self.device_ids()
+        except ValueError:
+            ids = None
+            p.append(f"distribution.devices must be 'auto' or distinct CUDA ids like '0,1' (got {self.devices!r}).")
+        if not _is_int(self.num_machines) or self.num_machines < 1:
+            p.append(f"distribution.num_machines must be at least 1 (got {self.num_machines!r}).")
+        elif not _is_int(self.machine_rank) or not 0 <= self.machine_rank < self.num_machines:
+            p.append(
+                f"distribution.machine_rank must be from 0 to {self.num_machines - 1} (got {self.machine_rank!r})."
+            )
+        if not _is_int(self.main_port) or not 0 <= self.main_port <= 65535:
+            p.append(f"distribution.main_port must be 0 (any free port) or a port number (got {self.main_port!r}).")
+        if p:
+            return p
+        if self.num_machines > 1:
+            if not str(self.main_address).strip():
+                p.append("Several machines need distribution.main_address: the IP of machine 0.")
+            if self.main_port == 0:
+                p.append("Several machines need a fixed distribution.main_port (e.g. 29500), open on machine 0.")
+            if self.processes % self.num_machines:
+                p.append(
+                    f"distribution.processes ({self.processes}) must split evenly over {self.num_machines} "
+                    "machines: the same number of processes on each."
+                )
+        if ids is not None and self.launched and len(ids) != self.per_machine:
+            p.append(
+                f"distribution.devices lists {len(ids)} GPU(s) for {self.per_machine} process(es) per machine: "
+                "list one GPU per process, or use 'auto'."
+            )
+        if ids is not None and not self.launched and len(ids) != 1:
+            p.append(
+                f"distribution.devices lists {len(ids)} GPUs for a single process: set distribution.processes "
+                f"to {len(ids)} to train on all of them, or list one."
+            )
+        if self.strategy != "ddp" and not self.launched:
+            p.append(
+                f"distribution.strategy '{self.strategy}' splits work across processes: with one process use "
+                "'ddp' (no effect), or raise distribution.processes."
+            )
         return p
 
 
@@ -235,6 +366,7 @@ class RunConfig:
     quant: QuantSpec = field(default_factory=QuantSpec)
     data: DataSpec = field(default_factory=DataSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
+    distribution: DistributionSpec = field(default_factory=DistributionSpec)
 
     def validate(self) -> list[str]:
         problems = [
@@ -243,6 +375,7 @@ class RunConfig:
             *self.quant.validate(),
             *self.data.validate(),
             *self.train.validate(),
+            *self.distribution.validate(),
         ]
         problems += _cross_checks(self)
         return problems
@@ -277,7 +410,9 @@ class RunConfig:
         except yaml.YAMLError as err:
             raise ConfigError([f"The YAML cannot be parsed: {err}"]) from err
         if data is not None and not isinstance(data, dict):
-            raise ConfigError(["The YAML must be a mapping of sections (model, lora, quant, data, train)."])
+            raise ConfigError(
+                ["The YAML must be a mapping of sections (model, lora, quant, data, train, distribution)."]
+            )
         return cls.from_dict(data)
 
     @classmethod
@@ -295,8 +430,31 @@ def _cross_checks(cfg: RunConfig) -> list[str]:
         p.append("PiSSA init needs full-precision base weights: set lora.init to 'default' or turn quantization off.")
     if cfg.quant.mode != "none" and cfg.lora.bias != "none":
         p.append("Bias training is not supported on a quantized base: set lora.bias to 'none'.")
+    patience = cfg.train.early_stopping_patience
+    if _is_int(patience) and patience > 0 and _is_number(cfg.data.val_size) and cfg.data.val_size <= 0:
+        p.append(
+            "Early stopping watches the eval loss, and there is no validation split: set data.val_size "
+            "(e.g. 0.1), or train.early_stopping_patience to 0."
+        )
+    p += _distribution_checks(cfg)
     if cfg.train.device in ("cpu", "cuda", "mps"):
         p += device_problems(cfg, cfg.train.device)
+    return p
+
+
+def _distribution_checks(cfg: RunConfig) -> list[str]:
+    d, p = cfg.distribution, []
+    if d.strategy in SHARDING and cfg.quant.mode != "none":
+        # Sharding needs one storage dtype across all weights; bitsandbytes packs 4-bit weights as uint8 next
+        # to bf16 ones. Upstream can do it with bnb_4bit_quant_storage; the studio does not set that up yet.
+        p.append(
+            f"A quantized base (quant.mode {cfg.quant.mode}) cannot be sharded with {d.strategy}: use strategy "
+            "'ddp' or 'deepspeed-zero2' (each process keeps its own 4-bit copy), or turn quantization off."
+        )
+    if d.launched and cfg.train.device == "mps":
+        p.append("Apple MPS runs one process: set distribution.processes to 1, or train on CUDA GPUs or CPU.")
+    if d.devices not in ("", "auto") and cfg.train.device in ("cpu", "mps"):
+        p.append(f"distribution.devices names GPUs but train.device is {cfg.train.device}: set devices to 'auto'.")
     return p
 
 
@@ -304,6 +462,11 @@ def device_problems(cfg: RunConfig, device: str) -> list[str]:
     """Combinations a device refuses. validate() asks when the device is fixed; check_runtime once 'auto'
     has resolved, so the same words reach the user either way."""
     p: list[str] = []
+    if device == "cpu" and cfg.distribution.strategy != "ddp" and cfg.distribution.launched:
+        p.append(
+            f"distribution.strategy '{cfg.distribution.strategy}' needs CUDA GPUs: on CPU use 'ddp' "
+            "(processes share the cores over gloo)."
+        )
     if device == "cpu" and cfg.train.compute_type == "fp16":
         p.append("fp16 training needs a GPU (no fp16 loss scaling on CPU): use fp32 or bf16 on CPU.")
     if device == "mps" and cfg.quant.mode != "none":

@@ -21,11 +21,36 @@ import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from studio.allocator import child_env
 from studio.config import ConfigError, RunConfig
+from studio.distributed import (
+    ASSIGNED_ENV,
+    DeviceRequest,
+    DistributedError,
+    device_request,
+    parse_ids,
+    pick_devices,
+    request_problems,
+    visible_gpus,
+)
 from studio.paths import db_path, ensure_home, runs_dir, studio_home
-from studio.store import Run, RunStatus, Store
+from studio.store import Run, RunNotFound, RunStatus, Store, Sweep
+from studio.sweep import (
+    Pick,
+    SweepError,
+    SweepParam,
+    SweepRow,
+    alpha_follows_rank,
+    as_steps,
+    expand,
+    format_values,
+    long_run_config,
+    recommend,
+    run_suffix,
+    summarize,
+)
 from studio.train import checkpoint_step, list_checkpoints
 
 CONFIG_FILE = "config.yaml"
@@ -136,6 +161,13 @@ def model_problems(config: RunConfig, known: list[str] | tuple[str, ...] = ()) -
     return []
 
 
+def _gpu_ids(devices: str | None) -> list[int]:
+    try:
+        return parse_ids(devices)
+    except ValueError:
+        return []
+
+
 def make_run_id(name: str) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:32] or "run"
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{secrets.token_hex(2)}"
@@ -159,6 +191,34 @@ def check_workspace(home: Path) -> None:
             f"Only {free / 2**20:.0f} MiB free on the disk of {home}; a run needs at least "
             f"{need / 2**20:.0f} MiB for checkpoints. Free some space or move STUDIO_HOME."
         )
+
+
+def read_run_json(run: Run) -> dict | None:
+    """RUN_DIR/adapter/run.json (written last by a completed run), or None when absent or unreadable."""
+    path = Path(run.adapter_dir or Path(run.run_dir) / "adapter") / "run.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _no_pick_message(sweep_id: str, rows: list[SweepRow]) -> str:
+    if not rows:
+        return f"Sweep {sweep_id} has no scan runs left (they were deleted): start a new sweep."
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row.status] = counts.get(row.status, 0) + 1
+    states = ", ".join(f"{n} {status}" for status, n in counts.items())
+    if any(row.status in ("queued", "running") for row in rows):
+        return (
+            f"No scan run of sweep {sweep_id} has completed yet ({states}); promote once one has "
+            f"(watch with `studio sweep show {sweep_id}`)."
+        )
+    return (
+        f"No scan run of sweep {sweep_id} completed ({states}): see why with `studio run RUN --log 40`, "
+        "fix the cause and start a new sweep."
+    )
 
 
 @dataclass
@@ -188,11 +248,12 @@ class JobManager:
             yield
 
     # -- submitting ---------------------------------------------------------------------------
-    def submit(self, config: RunConfig, start: bool = True) -> Run:
+    def submit(self, config: RunConfig, start: bool = True, sweep_id: str | None = None) -> Run:
         """Validate, create the run directory and its row (queued), and start it if a slot is free."""
         problems = config.validate()
         problems += self._missing_datasets(config)
         problems += model_problems(config, problems)
+        problems += self._device_problems(config, problems)
         if problems:
             raise ConfigError(problems)
         check_workspace(self.home)
@@ -201,13 +262,119 @@ class JobManager:
         run_dir.mkdir(parents=True)
         try:
             config.save(run_dir / CONFIG_FILE)
-            run = self.store.create_run(run_id, config.name or run_id, config.to_dict(), str(run_dir))
+            run = self.store.create_run(run_id, config.name or run_id, config.to_dict(), str(run_dir), sweep_id)
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
         if start:
             self.schedule()
         return self.store.get_run(run.id)
+
+    # -- sweeps -------------------------------------------------------------------------------
+    def submit_sweep(
+        self, base: RunConfig, params: list[SweepParam], scan_steps: int, name: str
+    ) -> tuple[Sweep, list[Run]]:
+        """Validate every scan run first (values, datasets, model and targets), then create the sweep and
+        queue all its runs in one store transaction, cheapest first: a bad 3rd value queues nothing, and
+        the queue (oldest first) trains them one after another in scan order."""
+        name = name or base.name or "sweep"
+        scan_steps = as_steps(scan_steps)
+        plan = expand(base, params, scan_steps, name)  # raises SweepError listing every problem
+        problems = self._missing_datasets(base)  # datasets are not sweepable: the base's are every run's
+        seen: set[str] = set()
+        for _, config in plan:  # model and targets: once per distinct target_modules value
+            key = json.dumps(config.lora.target_modules)
+            if key not in seen:
+                seen.add(key)
+                problems += [p for p in model_problems(config) if p not in problems]
+        if problems:
+            raise SweepError(problems)
+        check_workspace(self.home)
+        sweep_id = make_run_id(f"sweep {name}")
+        entries: list[tuple[str, str, dict[str, Any], str]] = []
+        try:
+            for _, config in plan:
+                run_id = self._new_run_dir(config.name)
+                config.save(self.run_dir(run_id) / CONFIG_FILE)
+                entries.append((run_id, config.name, config.to_dict(), str(self.run_dir(run_id))))
+            sweep = self.store.create_sweep(
+                sweep_id, name, base.to_dict(), [p.to_dict() for p in params], scan_steps, entries
+            )
+        except BaseException:
+            for run_id, *_ in entries:
+                shutil.rmtree(self.run_dir(run_id), ignore_errors=True)
+            raise
+        for i, ((values, config), (run_id, *_)) in enumerate(zip(plan, entries, strict=True), 1):
+            alpha = f" (lora.alpha {config.lora.alpha:g}, scaled with r)" if alpha_follows_rank(values, config) else ""
+            self.store.add_event(
+                run_id,
+                f"Scan run {i}/{len(plan)} of sweep {sweep.id}: {format_values(values)}{alpha}, {scan_steps} steps",
+            )
+        self.schedule()
+        return sweep, [self.store.get_run(run_id) for run_id, *_ in entries]
+
+    def _new_run_dir(self, name: str) -> str:
+        """A fresh run id and its directory; scan runs named alike within one second get another id."""
+        while True:
+            run_id = make_run_id(name)
+            try:
+                self.run_dir(run_id).mkdir(parents=True)
+            except FileExistsError:
+                continue
+            return run_id
+
+    def sweep_summary(self, sweep_id: str) -> tuple[Sweep, list[SweepRow], Pick | None]:
+        """The sweep, one row per scan run still in the store (scan order), and the recommended pick."""
+        sweep = self.store.get_sweep(sweep_id)
+        runs = self.store.runs_of_sweep(sweep_id, include_long=False)
+        metrics = {r.id: self.store.metrics(r.id) for r in runs}
+        run_json = {r.id: read_run_json(r) for r in runs}
+        rows = summarize(runs, metrics, run_json, paths=[p["path"] for p in sweep.params])
+        return sweep, rows, recommend(rows)
+
+    def promote_sweep(self, sweep_id: str) -> Run:
+        """Queue the long run from the sweep's pick: the base config's own epochs/max_steps with the
+        pick's values. Refused while no scan run has completed, and when the long run exists already."""
+        # Under the queue lock, so two clicks cannot both start a long run (submit(start=False) does not
+        # take the lock itself; schedule, which does, runs after it is released).
+        with self._lock():
+            sweep, rows, pick = self.sweep_summary(sweep_id)
+            existing = self._long_run(sweep)
+            if existing is not None:
+                raise JobError(
+                    f"Sweep {sweep.id} already has its long run: {existing.id} ({existing.status.value}). "
+                    f"Follow it with `studio run {existing.id}`, or delete it to start another."
+                )
+            if pick is None:
+                raise JobError(_no_pick_message(sweep.id, rows))
+            base = RunConfig.from_dict(sweep.base_config)
+            config = long_run_config(base, pick.values, "")
+            config.name = f"{sweep.name}-long-{run_suffix(pick.values, config)}"
+            run = self.submit(config, start=False, sweep_id=sweep.id)
+            self.store.set_sweep_long_run(sweep.id, run.id)
+        self.store.add_event(
+            run.id, f"Long run of sweep {sweep.id} from its pick {format_values(pick.values)}: {pick.reason}"
+        )
+        self.schedule()
+        return self.store.get_run(run.id)
+
+    def _long_run(self, sweep: Sweep) -> Run | None:
+        if not sweep.long_run_id:
+            return None
+        try:
+            return self.store.get_run(sweep.long_run_id)
+        except RunNotFound:  # deleted: a new long run may be started
+            return None
+
+    def _device_problems(self, config: RunConfig, known: list[str]) -> list[str]:
+        """A run asking for GPUs this queue does not have would wait forever: refused at submit."""
+        if any(p.startswith("distribution.devices") for p in known):
+            return []
+        try:
+            gpus = visible_gpus()
+        except DistributedError as err:
+            return [str(err)]
+        return request_problems(device_request(config, bool(gpus)), gpus)
 
     def _missing_datasets(self, config: RunConfig) -> list[str]:
         from studio.data import DataError, DatasetRegistry
@@ -223,24 +390,51 @@ class JobManager:
 
     # -- scheduling ---------------------------------------------------------------------------
     def schedule(self) -> list[str]:
-        """Start queued runs, oldest first, while training slots are free. Returns the ids started."""
+        """Start queued runs, oldest first, while their devices are free: CPU runs take one of `slots`,
+        GPU runs the GPUs they ask for, disjoint from every running run's. A run that does not fit waits
+        and a later one that fits may start meanwhile. Returns the ids started."""
         started: list[str] = []
         with self._lock():
             self._reconcile_locked()
-            busy = len(self.store.list_runs(RunStatus.RUNNING))
+            gpus = visible_gpus()
+            running = self.store.list_runs(RunStatus.RUNNING)
+            used = {i for run in running for i in _gpu_ids(run.devices)}
+            cpu_busy = sum(1 for run in running if not _gpu_ids(run.devices))
             for run in self.store.queued_runs():
-                if busy >= self.slots:
-                    break
-                self._spawn(run)
+                request = self._request(run, bool(gpus))
+                if request.gpus == 0:
+                    if cpu_busy >= self.slots:
+                        continue
+                    cpu_busy += 1
+                    ids: tuple[int, ...] = ()
+                else:
+                    picked = pick_devices(request, [g for g in gpus if g not in used])
+                    if picked is None:
+                        continue
+                    ids = picked
+                    used.update(ids)
+                self._spawn(run, ids)
                 started.append(run.id)
-                busy += 1
         return started
 
-    def _spawn(self, run: Run) -> None:
+    @staticmethod
+    def _request(run: Run, have_gpus: bool) -> DeviceRequest:
+        try:
+            config = RunConfig.from_dict(run.config)
+        except ConfigError:  # a row from an older version that no longer reads: its worker will say why
+            return DeviceRequest(0)
+        return device_request(config, have_gpus)
+
+    def _spawn(self, run: Run, gpu_ids: tuple[int, ...] = ()) -> None:
         run_dir = Path(run.run_dir)
         cmd = [sys.executable, "-m", "studio.worker", str(run_dir)]
         env = child_env(dict(os.environ, STUDIO_HOME=str(self.home), PYTHONUNBUFFERED="1"))
         env[SPAWNED_ENV] = "1"
+        devices = ",".join(str(i) for i in gpu_ids) if gpu_ids else "cpu"
+        if gpu_ids:
+            # One process sees only its GPU; a launched run passes the ids to accelerate (--gpu_ids).
+            env[ASSIGNED_ENV] = devices
+            env["CUDA_VISIBLE_DEVICES"] = devices
         with open(run_dir / LOG_FILE, "ab") as log:
             proc = subprocess.Popen(
                 cmd,
@@ -251,8 +445,11 @@ class JobManager:
                 start_new_session=True,  # its own session: closing the UI does not stop it
             )
         self._children[proc.pid] = proc
-        self.store.transition(run.id, RunStatus.RUNNING, pid=proc.pid, pid_started=process_start_token(proc.pid))
-        self.store.add_event(run.id, f"Worker started (pid {proc.pid})")
+        self.store.transition(
+            run.id, RunStatus.RUNNING, pid=proc.pid, pid_started=process_start_token(proc.pid), devices=devices
+        )
+        where = f"GPU {devices}" if gpu_ids else "CPU"
+        self.store.add_event(run.id, f"Worker started (pid {proc.pid}) on {where}")
 
     def reconcile(self) -> list[str]:
         with self._lock():
@@ -346,6 +543,13 @@ class JobManager:
             raise JobError(f"Refusing to delete {run_dir}: it is not inside the workspace's runs folder.")
         shutil.rmtree(run_dir, ignore_errors=True)
         self.store.delete_run(run_id)
+        if run.sweep_id:  # the sweep row stays; a deleted long run may be promoted again
+            try:
+                sweep = self.store.get_sweep(run.sweep_id)
+            except KeyError:
+                return
+            if sweep.long_run_id == run_id:
+                self.store.set_sweep_long_run(sweep.id, None)
 
     def wait(self, run_id: str, timeout: float | None = None, poll: float = 0.5) -> Run:
         """Block until the run has finished (or the timeout passes); reaps and reconciles meanwhile."""

@@ -214,7 +214,7 @@ def detect_device(preference: str = "auto") -> str:
 
 def quant_supported(device: str) -> bool:
     """bitsandbytes quantizes on CUDA and on CPU (0.49+); it has no Apple MPS backend."""
-    return device in ("cuda", "cpu")
+    return device.split(":")[0] in ("cuda", "cpu")
 
 
 def bnb_config(quant: QuantSpec):

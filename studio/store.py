@@ -1,7 +1,8 @@
 """The run store: SQLite in WAL mode, shared by the web server, the CLI and every worker process.
 
-Runs, their metrics and their events. Status changes go through `transition`, which refuses illegal
-moves (a completed run never becomes running again). Writers retry when another process holds the lock.
+Runs, their metrics and their events; sweeps (short scan runs plus the long run promoted from their pick).
+Status changes go through `transition`, which refuses illegal moves (a completed run never becomes running
+again). Writers retry when another process holds the lock. Older workspaces are migrated on open.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -52,6 +53,11 @@ class RunNotFound(KeyError):
         return f"No run '{self.args[0]}'. List runs with `studio runs`."
 
 
+class SweepNotFound(KeyError):
+    def __str__(self) -> str:
+        return f"No sweep '{self.args[0]}'. List sweeps with `studio sweep list`."
+
+
 METRIC_FIELDS = ("epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "memory_mb")
 
 _SCHEMA = """
@@ -73,7 +79,9 @@ CREATE TABLE IF NOT EXISTS runs (
     total_steps INTEGER NOT NULL DEFAULT 0,
     final_loss REAL,
     adapter_dir TEXT,
-    resume_from TEXT
+    resume_from TEXT,
+    sweep_id TEXT,
+    devices TEXT
 );
 CREATE TABLE IF NOT EXISTS metrics (
     run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
@@ -96,7 +104,22 @@ CREATE TABLE IF NOT EXISTS events (
     message TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_run ON events(run_id, id);
+CREATE TABLE IF NOT EXISTS sweeps (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    base_config TEXT NOT NULL,
+    params TEXT NOT NULL,
+    scan_steps INTEGER NOT NULL,
+    long_run_id TEXT
+);
 """
+
+# Columns added after the first release, as (table, column, declaration). Workspaces made by an earlier
+# version lack them; `_migrate` adds each one missing, so an old studio.db opens with nothing lost.
+_ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (("runs", "sweep_id", "TEXT"), ("runs", "devices", "TEXT"))
+# Indexes on added columns: created only once the column surely exists.
+_LATE_INDEXES = "CREATE INDEX IF NOT EXISTS runs_sweep ON runs(sweep_id, created_at);"
 
 
 @dataclass
@@ -119,6 +142,8 @@ class Run:
     final_loss: float | None = None
     adapter_dir: str | None = None
     resume_from: str | None = None
+    sweep_id: str | None = None  # the sweep this run scans for, or whose long run it is
+    devices: str | None = None  # what the queue gave the running run: 'cpu' or CUDA ids '0,1'
 
     @property
     def duration_s(self) -> float | None:
@@ -156,6 +181,22 @@ class Event:
 
 
 @dataclass
+class Sweep:
+    """A group of short scan runs over one or two parameters; the long run is promoted from their pick."""
+
+    id: str
+    name: str
+    created_at: float
+    base_config: dict[str, Any]  # what the user filled in: its own epochs/max_steps are the long run's
+    params: list[dict[str, Any]]  # [{"path": "lora.r", "values": [8, 16, 32]}, ...] in the order given
+    scan_steps: int  # train.max_steps of each scan run
+    long_run_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass
 class Store:
     """One SQLite file. Open a Store per process (connections are not shared across forks)."""
 
@@ -172,6 +213,8 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # executescript commits on its own, so it runs outside _tx; CREATE ... IF NOT EXISTS is idempotent.
         self._connect().executescript(_SCHEMA)
+        self._migrate()
+        self._connect().executescript(_LATE_INDEXES)
 
     # -- plumbing -----------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -180,14 +223,28 @@ class Store:
             # check_same_thread=False only so close() may close it from another thread; it is used by one.
             conn = sqlite3.connect(self.path, timeout=5, isolation_level=None, check_same_thread=False)
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            self._use_wal(conn)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute("PRAGMA busy_timeout=5000")
             self._local.conn = conn
             with self._conns_lock:
                 self._conns.append(conn)
         return conn
+
+    def _use_wal(self, conn: sqlite3.Connection) -> None:
+        """Switch the file to WAL. On a file still in rollback mode (a new or older workspace) the switch needs
+        the file to itself, and SQLite answers 'locked' at once, without its busy wait, while another
+        process opens it too: wait for that here."""
+        deadline = time.monotonic() + self.lock_wait_s
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -215,6 +272,20 @@ class Store:
         else:
             conn.execute("COMMIT")
 
+    def _missing_columns(self, c: sqlite3.Connection) -> list[tuple[str, str, str]]:
+        tables = {table for table, _, _ in _ADDED_COLUMNS}
+        have = {t: {r["name"] for r in c.execute(f"PRAGMA table_info({t})")} for t in tables}
+        return [(t, col, decl) for t, col, decl in _ADDED_COLUMNS if col not in have[t]]
+
+    def _migrate(self) -> None:
+        """Add the columns an older studio.db lacks. Checked again inside a write transaction, so two
+        processes opening the same old workspace at once do not both add a column ('duplicate column')."""
+        if not self._missing_columns(self._connect()):
+            return  # the usual case: no write lock taken just to open the store
+        with self._tx() as c:
+            for table, column, decl in self._missing_columns(c):
+                c.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+
     def _query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         return self._connect().execute(sql, args).fetchall()
 
@@ -226,15 +297,11 @@ class Store:
         self._local = threading.local()
 
     # -- runs ---------------------------------------------------------------------------------
-    def create_run(self, run_id: str, name: str, config: dict[str, Any], run_dir: str) -> Run:
-        model = str(config.get("model", {}).get("source", ""))
-        datasets = ",".join(config.get("data", {}).get("datasets", []))
+    def create_run(
+        self, run_id: str, name: str, config: dict[str, Any], run_dir: str, sweep_id: str | None = None
+    ) -> Run:
         with self._tx() as c:
-            c.execute(
-                "INSERT INTO runs (id, name, status, config, model, datasets, run_dir, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (run_id, name, RunStatus.QUEUED.value, json.dumps(config), model, datasets, run_dir, time.time()),
-            )
+            _insert_run(c, run_id, name, config, run_dir, time.time(), sweep_id)
         return self.get_run(run_id)
 
     def get_run(self, run_id: str) -> Run:
@@ -297,6 +364,56 @@ class Store:
         with self._tx() as c:
             c.execute("DELETE FROM runs WHERE id = ?", (run_id,))
 
+    # -- sweeps -------------------------------------------------------------------------------
+    def create_sweep(
+        self,
+        sweep_id: str,
+        name: str,
+        base_config: dict[str, Any],
+        params: list[dict[str, Any]],
+        scan_steps: int,
+        runs: Sequence[tuple[str, str, dict[str, Any], str]] = (),
+    ) -> Sweep:
+        """Create a sweep and queue its scan runs, (run_id, name, config, run_dir) in scan order, in ONE
+        transaction: a sweep is never seen half-queued, and no other run can slip in between its runs."""
+        now = time.time()
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO sweeps (id, name, created_at, base_config, params, scan_steps) VALUES (?, ?, ?, ?, ?, ?)",
+                (sweep_id, name, now, json.dumps(base_config), json.dumps(params), scan_steps),
+            )
+            for i, (run_id, run_name, config, run_dir) in enumerate(runs):
+                # Strictly increasing created_at: the queue (oldest first) then trains them in scan order.
+                _insert_run(c, run_id, run_name, config, run_dir, now + i * 1e-6, sweep_id)
+        return self.get_sweep(sweep_id)
+
+    def get_sweep(self, sweep_id: str) -> Sweep:
+        rows = self._query("SELECT * FROM sweeps WHERE id = ?", (sweep_id,))
+        if not rows:
+            raise SweepNotFound(sweep_id)
+        return _row_to_sweep(rows[0])
+
+    def list_sweeps(self) -> list[Sweep]:
+        """Newest first."""
+        return [_row_to_sweep(r) for r in self._query("SELECT * FROM sweeps ORDER BY created_at DESC, rowid DESC")]
+
+    def runs_of_sweep(self, sweep_id: str, include_long: bool = True) -> list[Run]:
+        """The sweep's runs still in the store, scan order first, then its long run (if promoted and
+        `include_long`). Deleted runs are simply absent."""
+        sweep = self.get_sweep(sweep_id)
+        rows = self._query("SELECT * FROM runs WHERE sweep_id = ? ORDER BY created_at, rowid", (sweep_id,))
+        runs = [_row_to_run(r) for r in rows]
+        scan = [r for r in runs if r.id != sweep.long_run_id]
+        long = [r for r in runs if r.id == sweep.long_run_id] if include_long else []
+        return scan + long
+
+    def set_sweep_long_run(self, sweep_id: str, run_id: str | None) -> Sweep:
+        with self._tx() as c:
+            cur = c.execute("UPDATE sweeps SET long_run_id = ? WHERE id = ?", (run_id, sweep_id))
+            if cur.rowcount == 0:
+                raise SweepNotFound(sweep_id)
+        return self.get_sweep(sweep_id)
+
     # -- metrics ------------------------------------------------------------------------------
     def log_metrics(self, run_id: str, step: int, **values: float | None) -> None:
         """Record values at a step. Train and eval logs at the same step merge into one row."""
@@ -340,6 +457,31 @@ class Store:
     def events(self, run_id: str, after_id: int = 0) -> list[Event]:
         rows = self._query("SELECT * FROM events WHERE run_id = ? AND id > ? ORDER BY id", (run_id, after_id))
         return [Event(**dict(r)) for r in rows]
+
+
+def _insert_run(
+    c: sqlite3.Connection,
+    run_id: str,
+    name: str,
+    config: dict[str, Any],
+    run_dir: str,
+    created_at: float,
+    sweep_id: str | None,
+) -> None:
+    model = str(config.get("model", {}).get("source", ""))
+    datasets = ",".join(config.get("data", {}).get("datasets", []))
+    c.execute(
+        "INSERT INTO runs (id, name, status, config, model, datasets, run_dir, created_at, sweep_id)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (run_id, name, RunStatus.QUEUED.value, json.dumps(config), model, datasets, run_dir, created_at, sweep_id),
+    )
+
+
+def _row_to_sweep(row: sqlite3.Row) -> Sweep:
+    d = dict(row)
+    d["base_config"] = json.loads(d["base_config"])
+    d["params"] = json.loads(d["params"])
+    return Sweep(**d)
 
 
 def _row_to_run(row: sqlite3.Row) -> Run:

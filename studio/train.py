@@ -11,13 +11,26 @@ import json
 import math
 import random
 import resource
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from studio.config import BNB_OPTIMIZERS, RunConfig, device_problems
+from studio.coach import (
+    Advice,
+    DataFacts,
+    curve_advice,
+    data_advice,
+    data_facts,
+    divergence_stop,
+    early_stop_due,
+    points_from_log_history,
+    write_data_facts,
+)
+from studio.config import BNB_OPTIMIZERS, SHARDING, RunConfig, device_problems
+from studio.distributed import RankInfo, RankReport, any_rank, lora_digest, rank_info, write_rank_report
 from studio.models import (
     ResolvedModel,
     detect_device,
@@ -63,6 +76,7 @@ class PreparedData:
     lengths: list[int]
     truncated: int
     packed: bool
+    facts: DataFacts | None = None  # what the coach reads about the data (truncation, EOS, size)
 
 
 @dataclass
@@ -72,6 +86,7 @@ class TokenCounter:
 
     total: int = 0
     positions: int = 0
+    samples: int = 0
 
     @property
     def padding_share(self) -> float:
@@ -104,6 +119,7 @@ class Collator:
             if not f.get(HELD_OUT):
                 self.counter.total += n
                 self.counter.positions += width
+                self.counter.samples += 1
         batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
         if packed:
             # No attention_mask: transformers then derives a block-diagonal mask from the position ids,
@@ -201,6 +217,13 @@ def prepare_data(config: RunConfig, tokenizer, home: Path | None = None) -> Prep
         lengths=split.lengths,
         truncated=split.truncated,
         packed=config.data.packing,
+        facts=data_facts(
+            [s.labels for s in (*split.train_samples, *split.eval_samples)],
+            getattr(tokenizer, "eos_token_id", None),
+            split.truncated,
+            split.dropped,
+            config.data.cutoff_len,
+        ),
     )
 
 
@@ -240,6 +263,12 @@ def check_runtime(config: RunConfig, device: str) -> None:
             problems.append("This GPU has no bf16 support: set train.compute_type to fp16 (with loss scaling) or fp32.")
         if config.quant.mode == "4bit" and config.quant.compute_dtype == "bf16":
             problems.append("This GPU has no bf16 support: set quant.compute_dtype to fp16.")
+    strategy = config.distribution.strategy
+    if strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        problems.append(
+            f"distribution.strategy '{strategy}' needs DeepSpeed: pip install deepspeed (on a CUDA machine), "
+            "or use 'fsdp' or 'ddp'."
+        )
     if config.quant.mode != "none" and not bnb_available():
         problems.append("Quantized training needs bitsandbytes: pip install bitsandbytes (or set quant.mode to none).")
     if problems:
@@ -265,17 +294,61 @@ def resolve_optimizer(name: str, device: str, have_bnb: bool = True) -> tuple[st
     return name, None
 
 
-def _throughput(runtime: Any, counter: TokenCounter, device: str) -> dict[str, float]:
+def _throughput(runtime: Any, counter: TokenCounter, device: str, rank: RankInfo = RankInfo()) -> dict[str, float]:
     """The training loop's speed: real tokens over the Trainer's own train_runtime (this session's part of
-    the run when resumed), the padding share and the process's peak memory."""
+    the run when resumed), the padding share and the process's peak memory. With several processes the
+    tokens are every process's together (a collective: every process calls this)."""
     runtime = _num(runtime) or 0.0
+    total, positions = counter.total, counter.positions
+    if rank.distributed:
+        total, positions = _sum_over_ranks([total, positions], device)
     return {
         "train_runtime_s": round(runtime, 3),
-        "real_tokens": counter.total,
-        "tokens_per_s": round(counter.total / runtime, 2) if runtime > 0 else 0.0,
-        "padding_share": round(counter.padding_share, 4),
+        "real_tokens": total,
+        "tokens_per_s": round(total / runtime, 2) if runtime > 0 else 0.0,
+        "padding_share": round(1 - total / positions, 4) if positions else 0.0,
         "peak_memory_mb": round(_peak_memory_mb(device), 1),
     }
+
+
+def _sum_over_ranks(values: list[int], device: str) -> list[int]:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    where = f"cuda:{rank_info().local_rank}" if device == "cuda" else "cpu"  # NCCL reduces GPU tensors only
+    tensor = torch.tensor(values, dtype=torch.int64, device=where)
+    dist.all_reduce(tensor)
+    return [int(v) for v in tensor.tolist()]
+
+
+def load_device(config: RunConfig, device: str, rank: RankInfo) -> str:
+    """Where this process loads the base: its own GPU when launched (cuda:LOCAL_RANK), the CPU when a
+    sharding strategy places the weights itself, else the device."""
+    if rank.distributed and config.distribution.strategy in SHARDING:
+        return "cpu"
+    if rank.distributed and device == "cuda":
+        return f"cuda:{rank.local_rank}"
+    return device
+
+
+def _rank_report(rank: RankInfo, trainer, counter: TokenCounter, model) -> RankReport:
+    """What this process did, for the run folder: its share of the data and the weights it ended with
+    (equal on every process of a data-parallel run)."""
+    import os
+
+    from peft import get_peft_model_state_dict
+
+    return RankReport(
+        rank=rank.rank,
+        world_size=rank.world_size,
+        pid=os.getpid(),
+        global_step=trainer.state.global_step,
+        samples=counter.samples,
+        real_tokens=counter.total,
+        lora_sha256=lora_digest(get_peft_model_state_dict(model)),
+    )
 
 
 def _peak_memory_mb(device: str) -> float:
@@ -318,8 +391,14 @@ def _training_args(config: RunConfig, run_dir: Path, device: str, has_eval: bool
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         report_to="none",
+        # A NaN/inf loss reaches the logs as it is: the default filter swaps it for the running average, which
+        # hides a diverged run from the coach (and from the user) behind plausible numbers.
+        logging_nan_inf_filter=False,
         disable_tqdm=True,
         remove_unused_columns=False,
+        # Launched runs: every LoRA weight takes part in each forward, so DDP need not search for unused
+        # ones (an extra pass over the graph each step; and needed off with gradient checkpointing).
+        ddp_find_unused_parameters=False,
         dataloader_pin_memory=device == "cuda",
         **checkpointing_args(t.gradient_checkpointing, TrainingArguments),
         **sampling_args(config.data.group_by_length and not config.data.packing, TrainingArguments),
@@ -345,15 +424,43 @@ def checkpointing_args(enabled: bool, arguments_class: type) -> dict[str, Any]:
     return {prefix: enabled, f"{prefix}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
-def _studio_callback(sink: MetricSink, should_stop: Callable[[], bool], counter: TokenCounter, device: str):
+EVENT_LEVEL = {"critical": "error", "warning": "warning", "info": "info"}  # coach severity -> event level
+
+
+@dataclass(frozen=True)
+class EarlyStop:
+    step: int  # where training stopped
+    best_step: int
+    best_eval_loss: float
+    patience: int
+
+
+def _studio_callback(
+    sink: MetricSink,
+    should_stop: Callable[[], bool],
+    counter: TokenCounter,
+    device: str,
+    config: RunConfig | None = None,
+    rank: RankInfo = RankInfo(),
+):
     from transformers import TrainerCallback
 
+    stop_on_divergence = config is None or config.train.stop_on_divergence
+    patience = config.train.early_stopping_patience if config is not None else 0
+
     class StudioCallback(TrainerCallback):
-        """Metrics to the sink at each log; a stop request becomes save-then-stop at the next step."""
+        """Metrics to the sink at each log; a stop request becomes save-then-stop at the next step. The coach
+        reads every log: a diverged run stops at once without saving, early stopping ends a run whose eval loss
+        stopped improving, and each other finding becomes an event once."""
 
         def __init__(self) -> None:
             self.aborted = False
+            self.diverged: Advice | None = None
+            self.early_stop: EarlyStop | None = None
+            self.points: list = []
             self._mark = (time.perf_counter(), 0)
+            self._said: set[str] = set()
+            self._best: tuple[int, list[tuple[Any, Any]]] | None = None  # (step, [(parameter, cpu copy)])
 
         def on_train_begin(self, args, state, control, **kwargs):
             self._mark = (time.perf_counter(), counter.total)
@@ -361,19 +468,23 @@ def _studio_callback(sink: MetricSink, should_stop: Callable[[], bool], counter:
 
         def on_step_end(self, args, state, control, **kwargs):
             sink.progress(state.global_step, state.max_steps)
-            if should_stop():
+            stop = should_stop()
+            if rank.distributed:
+                stop = any_rank(stop, args.device)  # every process stops at this same step, or none does
+            if stop:
                 self.aborted = True
                 control.should_save = True
                 control.should_training_stop = True
             return control
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
+        def on_log(self, args, state, control, logs=None, model=None, **kwargs):
             logs = logs or {}
             values: dict[str, float | None] = {}
             if "loss" in logs:
                 now, seen = time.perf_counter(), counter.total
                 dt = now - self._mark[0]
-                values["tokens_per_s"] = (seen - self._mark[1]) / dt if dt > 0 else None
+                # The run's speed: this process's tokens times the processes (shards are near equal in size).
+                values["tokens_per_s"] = (seen - self._mark[1]) * rank.world_size / dt if dt > 0 else None
                 self._mark = (now, seen)
                 values["loss"] = float(logs["loss"])
                 values["learning_rate"] = _num(logs.get("learning_rate"))
@@ -384,8 +495,77 @@ def _studio_callback(sink: MetricSink, should_stop: Callable[[], bool], counter:
             if values:
                 values["epoch"] = _num(state.epoch)
                 sink.log(state.global_step, **values)
+                # The whole history (a resumed run's included) with raw floats: NaN stays visible here.
+                self.points = points_from_log_history(state.log_history)
+                self._coach(state, control, model, "eval_loss" in logs)
+            return control
+
+        def _coach(self, state, control, model, evaluated: bool) -> None:
+            stop = divergence_stop(self.points) if stop_on_divergence else None
+            if stop is not None and self.diverged is None:
+                self.diverged = stop
+                control.should_training_stop = True
+                control.should_save = False  # never checkpoint a broken state
+                control.should_evaluate = False
+                sink.event(f"Stopping the run: {stop.text()}", EVENT_LEVEL[stop.severity])
+                return
+            if evaluated and patience > 0 and self.early_stop is None:
+                self._early_stopping(state, control, model)
+            for advice in curve_advice(self.points, config):
+                if advice.rule not in self._said:  # once per run: the curve is on screen, the event is the alert
+                    self._said.add(advice.rule)
+                    sink.event(advice.text(), EVENT_LEVEL[advice.severity])
+
+        def _early_stopping(self, state, control, model) -> None:
+            evals = [(p.step, p.eval_loss) for p in self.points if p.eval_loss is not None]
+            finite = [(step, loss) for step, loss in evals if math.isfinite(loss)]
+            if not finite:
+                return
+            best_step, best = min(finite, key=lambda e: e[1])  # the first of equals, as early_stop_due counts
+            if model is not None and best_step == evals[-1][0] and self._best_step() != best_step:
+                self._best = (best_step, _trainable_copy(model))  # a new best: keep it to restore at the end
+            if not early_stop_due([loss for _, loss in evals], patience):
+                return
+            self.early_stop = EarlyStop(state.global_step, best_step, best, patience)
+            control.should_training_stop = True
+            sink.event(
+                f"Early stopping at step {state.global_step}: eval loss has not improved for {patience} "
+                f"evaluations (best {best:.4g} at step {best_step})"
+            )
+
+        def _best_step(self) -> int | None:
+            return self._best[0] if self._best is not None else None
+
+        def restore_best(self) -> int | None:
+            """Put the best evaluated weights back; their step, or None when they were not kept here (the
+            best came before a resume)."""
+            if self._best is None or self.early_stop is None or self._best_step() != self.early_stop.best_step:
+                return None
+            import torch
+
+            with torch.no_grad():
+                for param, saved in self._best[1]:
+                    param.copy_(saved.to(param.device, param.dtype))
+            return self._best[0]
 
     return StudioCallback()
+
+
+def _trainable_copy(model) -> list[tuple[Any, Any]]:
+    """The trainable (LoRA) parameters with a CPU copy of each: small next to the model, and restorable in
+    place, whatever wrapper the Trainer put around the model."""
+    return [(p, p.detach().to("cpu", copy=True)) for p in model.parameters() if p.requires_grad]
+
+
+def _drop_checkpoints_after(run_dir: Path, step: int) -> list[str]:
+    """Remove checkpoints saved at or after `step`: they hold a diverged state, and resuming from one would
+    only diverge again."""
+    dropped = []
+    for path in list_checkpoints(run_dir):
+        if checkpoint_step(path) >= step:
+            shutil.rmtree(path, ignore_errors=True)
+            dropped.append(path.name)
+    return dropped
 
 
 def _num(value: Any) -> float | None:
@@ -446,6 +626,7 @@ def run_training(
         torch.set_num_threads(config.train.num_threads)
     device = detect_device(config.train.device)
     check_runtime(config, device)
+    rank = rank_info()
     set_seed(config.train.seed)
 
     resolved = resolve_model(config.model.source)
@@ -461,11 +642,18 @@ def run_training(
         f"tokens per sample median {lengths[len(lengths) // 2]}, max {lengths[-1]}; "
         f"{data.truncated} of {len(lengths)} cut at {config.data.cutoff_len}"
     )
-    if should_stop():
+    if data.facts is not None and rank.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_data_facts(run_dir, data.facts)  # the coach's view of the data, for the UI while the run goes
+        for advice in data_advice(data.facts, config):
+            sink.event(advice.text(), EVENT_LEVEL[advice.severity])
+    if should_stop() and not rank.distributed:  # launched processes agree on stopping at a step end instead
         return TrainResult("aborted", 0, None, None, None, len(data.train), len(data.eval), 0.0)
 
     quant = config.quant if config.quant.mode != "none" else None
-    model = load_model(resolved, config.train.compute_type, quant, device, config.model.trust_remote_code)
+    model = load_model(
+        resolved, config.train.compute_type, quant, load_device(config, device, rank), config.model.trust_remote_code
+    )
     if quant is not None:
         # Freezes the quantized base and upcasts the rest to fp32; non-reentrant checkpointing passes
         # gradients back to the LoRA weights without making the inputs require grad.
@@ -487,7 +675,7 @@ def run_training(
     if optimizer_note:
         sink.event(optimizer_note, "warning")
     counter = TokenCounter()
-    callback = _studio_callback(sink, should_stop, counter, device)
+    callback = _studio_callback(sink, should_stop, counter, device, config, rank)
     trainer = Trainer(
         model=model,
         args=args,
@@ -503,16 +691,21 @@ def run_training(
     if resume_from:
         sink.event(f"Resuming from {Path(resume_from).name}")
     output = trainer.train(resume_from_checkpoint=resume_from)
-    throughput = _throughput(output.metrics.get("train_runtime"), counter, device)
+    throughput = _throughput(output.metrics.get("train_runtime"), counter, device, rank)
     sink.event(
-        f"Trained {counter.total:,} real tokens in {throughput['train_runtime_s']:.1f} s "
-        f"({throughput['tokens_per_s']:,.0f} tokens/s); padding {100 * counter.padding_share:.1f}% of positions"
+        f"Trained {throughput['real_tokens']:,} real tokens in {throughput['train_runtime_s']:.1f} s "
+        f"({throughput['tokens_per_s']:,.0f} tokens/s); padding {100 * throughput['padding_share']:.1f}% of positions"
+        + (f"; {rank.world_size} processes" if rank.distributed else "")
     )
     step = trainer.state.global_step
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     final_loss = float(losses[-1]) if losses else _num(output.training_loss)
+    if callback.diverged is not None:
+        raise TrainingError(_divergence_message(callback.diverged, step, run_dir, callback.points))
     checkpoint = _latest_checkpoint(run_dir)
     if callback.aborted:
+        if rank.distributed:
+            write_rank_report(run_dir, _rank_report(rank, trainer, counter, model))
         sink.event(f"Stopped at step {step}; checkpoint saved at {checkpoint}", "warning")
         return TrainResult(
             "aborted",
@@ -525,9 +718,17 @@ def run_training(
             time.perf_counter() - started,
         )
 
+    early = _early_stop_summary(callback, sink)
+    if rank.distributed:  # after early stopping put the best weights back: these are what is saved
+        write_rank_report(run_dir, _rank_report(rank, trainer, counter, model))
     adapter_dir = run_dir / ADAPTER_DIR
-    adapter_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(adapter_dir)
+    if config.distribution.strategy in SHARDING and rank.distributed:
+        trainer.save_model(str(adapter_dir))  # every process hands in its shard; the main one writes
+    elif rank.main:
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(adapter_dir)
+    if not rank.main:
+        return TrainResult("completed", step, final_loss, str(adapter_dir), None, len(data.train), len(data.eval), 0.0)
     tokenizer.save_pretrained(adapter_dir)
     seconds = time.perf_counter() - started
     write_run_json(
@@ -540,8 +741,10 @@ def run_training(
             "train_samples": len(data.train),
             "eval_samples": len(data.eval),
             "trainable_parameters": trainable,
+            "processes": rank.world_size,
             "seconds": round(seconds, 2),
             **throughput,
+            **early,
         },
     )
     sink.event(f"Adapter saved to {adapter_dir}")
@@ -555,6 +758,46 @@ def run_training(
         len(data.eval),
         seconds,
     )
+
+
+def _divergence_message(advice: Advice, step: int, run_dir: Path, points: list) -> str:
+    """The failed run's error: what happened, what to change, and what was kept. Checkpoints saved from the
+    last healthy log on hold weights that already produced the bad losses, so they go."""
+    healthy = [p.step for p in points if p.loss is not None and p.step < (advice.step or step)]
+    dropped = _drop_checkpoints_after(run_dir, healthy[-1] if healthy else 0)
+    kept = _latest_checkpoint(run_dir)
+    after = (
+        f"Removed {', '.join(dropped)} (saved after the trouble began). " if dropped else "Nothing diverged was saved. "
+    )
+    after += f"The last good checkpoint is {kept.name}." if kept else "No checkpoint from before it was kept."
+    return (
+        f"Stopped at step {step} because {advice.title[0].lower() + advice.title[1:]}: {advice.detail} "
+        f"Fix: {advice.fix} {after} (The coach stops such runs while train.stop_on_divergence is on.)"
+    )
+
+
+def _early_stop_summary(callback, sink: MetricSink) -> dict[str, Any]:
+    """After early stopping: put the best weights back when they were kept; what run.json records of it."""
+    stop = callback.early_stop
+    if stop is None:
+        return {}
+    restored = callback.restore_best()
+    if restored is not None:
+        sink.event(f"The adapter is the best state: step {restored}, eval loss {stop.best_eval_loss:.4g}")
+    else:
+        sink.event(
+            f"The adapter is the last state (step {stop.step}): the best one (step {stop.best_step}) came before "
+            "the resume, so it was not kept",
+            "warning",
+        )
+    return {
+        "early_stopping": {
+            "stopped_at": stop.step,
+            "best_step": stop.best_step,
+            "best_eval_loss": stop.best_eval_loss,
+            "adapter_is_best": restored is not None,
+        }
+    }
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

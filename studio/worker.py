@@ -3,14 +3,28 @@
 Reads RUN_DIR/config.yaml, trains, and reports into the store. Its stdout/stderr go to RUN_DIR/log.txt
 (the spawner redirects them). SIGTERM asks for a checkpoint and a clean stop; an exception marks the
 run failed with the reason, a suggestion, and the last log lines. On exit it starts the next queued run.
+
+A run with more than one process: this worker starts `accelerate launch ... -m studio.worker RUN_DIR`
+(no shell) and waits; each launched process trains its shard (`rank_main`), the main one (rank 0) writes
+metrics, saves and reports; a stop request is passed to every process, and a process that fails marks the
+run failed for all.
 """
 
 from __future__ import annotations
 
+import signal
+
+# A stop can come while the imports below still load (an abort right after Start): without a handler
+# SIGTERM would kill the process and leave the run "interrupted" instead of aborted. Remember it instead.
+_EARLY_SIGNALS: list[int] = []
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda signum, _frame: _EARLY_SIGNALS.append(signum))
+
 import argparse
+import contextlib
 import os
 import resource
-import signal
+import subprocess
 import sys
 import threading
 import time
@@ -19,9 +33,22 @@ from pathlib import Path
 
 from studio.allocator import choose_allocator, loaded_allocator
 from studio.config import ConfigError, RunConfig
+from studio.distributed import (
+    ASSIGNED_ENV,
+    RankInfo,
+    child_pids,
+    die_with_parent,
+    launch_command,
+    launch_text,
+    parse_ids,
+    rank_info,
+)
 from studio.jobs import CONFIG_FILE, SPAWNED_ENV, JobManager, process_start_token
 from studio.paths import db_path, studio_home
-from studio.store import RunStatus, Store
+from studio.store import IllegalTransition, RunStatus, Store
+
+LAUNCHED_ENV = "STUDIO_LAUNCHED"  # set on `accelerate launch`: its processes are ranks of a run
+JOIN_ENV = "STUDIO_JOIN"  # ranks on a machine that joined another's run: no store of the run here
 
 
 class StoreSink:
@@ -45,6 +72,24 @@ class StoreSink:
         self.store.update_run(self.run_id, step=step, total_steps=total)
 
 
+class RankSink:
+    """The sink of a launched process other than the main one: the main process reports for the run, the
+    others only say in the log what they would have (warnings and errors), tagged with their rank."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def log(self, step: int, **values: float | None) -> None:
+        pass
+
+    def event(self, message: str, level: str = "info") -> None:
+        if level != "info":
+            print(f"[rank {self.rank}] [{level}] {message}", flush=True)
+
+    def progress(self, step: int, total: int) -> None:
+        pass
+
+
 def explain(err: BaseException) -> str:
     """The error in words a user can act on: what happened and what to change."""
     from studio.data import DataError
@@ -63,6 +108,11 @@ def explain(err: BaseException) -> str:
     if "nan" in low and "loss" in low:
         return (
             f"The loss became NaN ({text[:200]}). Lower the learning rate or lora.alpha, and keep gradient clipping on."
+        )
+    if any(k in text for k in ("Connection closed by peer", "Connection reset by peer", "NCCL", "gloo")):
+        return (
+            f"Another process of this run stopped answering ({type(err).__name__}: {text[:200]}): it was killed "
+            "(out of memory?) or its machine was lost. Its own error, if it had time to write one, is in the log."
         )
     if isinstance(err, OSError) and getattr(err, "errno", None) == 28:
         return f"The disk is full ({text[:200]}). Free space or move STUDIO_HOME, then resume the run."
@@ -99,12 +149,85 @@ def allocator_event(sink: StoreSink) -> None:
         sink.event(f"Memory allocator: glibc malloc ({why})", level="warning" if wanted.note else "info")
 
 
+def write_card_quietly(home: Path, run_id: str, sink: StoreSink) -> None:
+    """The run card goes next to the adapter at once, so every export carries it. A card that cannot be
+    written never fails a run that trained: it is said in the log and `studio card RUN` writes it later."""
+    from studio.card import write_card
+
+    try:
+        path = write_card(home, run_id)
+        sink.event(f"Run card written to {path}")
+    except Exception as err:  # noqa: BLE001 - the adapter is saved; the card is a convenience
+        sink.event(f"Run card not written ({err}); `studio card {run_id}` writes it.", "warning")
+
+
+def record_result(store: Store, home: Path, run_id: str, result, sink: StoreSink) -> None:
+    """The run's final state from a finished training call: completed (with its card) or aborted."""
+    if result.status == "completed":
+        store.transition(
+            run_id,
+            RunStatus.COMPLETED,
+            adapter_dir=result.adapter_dir,
+            final_loss=result.final_loss,
+            step=result.global_step,
+        )
+        write_card_quietly(home, run_id, sink)
+        print(f"=== completed: adapter at {result.adapter_dir}", flush=True)
+    else:
+        reason = "Aborted by request"
+        if result.checkpoint_dir:
+            reason += f"; resume continues from {Path(result.checkpoint_dir).name}"
+        store.transition(run_id, RunStatus.ABORTED, error=reason, step=result.global_step)
+        print(f"=== aborted at step {result.global_step}", flush=True)
+
+
+def report_failure(store: Store | None, run_id: str, run_dir: Path, err: BaseException, who: str = "") -> None:
+    """Mark the run failed with the reason, the fix and the last log lines. With several processes the
+    first to fail tells the cause; the others then fail only because it left, and must not overwrite it."""
+    traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    message = who + explain(err)
+    log_tail = _tail(run_dir / "log.txt")
+    error = message + (f"\n\n--- last log lines ---\n{log_tail}" if log_tail else "")
+    if store is not None:
+        try:
+            store.transition(run_id, RunStatus.FAILED, error=error)
+            store.add_event(run_id, message, "error")
+        except IllegalTransition:
+            pass  # another process of the run reported first
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+    print(f"=== failed: {message}", flush=True)
+
+
+def _install_stop_handler(on_stop=None) -> threading.Event:
+    stop = threading.Event()
+    if _EARLY_SIGNALS:  # asked to stop while still starting
+        print("[info] SIGTERM received while starting: stopping before training", flush=True)
+        stop.set()
+
+    def on_signal(signum, _frame):
+        first = not stop.is_set()
+        if first:
+            print(f"[info] {signal.Signals(signum).name} received: saving a checkpoint and stopping", flush=True)
+        stop.set()
+        if on_stop is not None:
+            on_stop(first)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m studio.worker", description="Train one run (internal).")
     parser.add_argument("run_dir", type=Path)
     args = parser.parse_args(argv)
     run_dir = args.run_dir.resolve()
     home = studio_home()
+    if os.environ.get(LAUNCHED_ENV) == "1":
+        return rank_main(run_dir, home, rank_info())
     store = Store(db_path(home))
     run_id = run_dir.name
     run = store.get_run(run_id)
@@ -126,16 +249,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
-    stop = threading.Event()
+    launcher: list[subprocess.Popen] = []  # the `accelerate launch` child, once started
 
-    def on_signal(signum, _frame):
-        if not stop.is_set():
-            print(f"[info] {signal.Signals(signum).name} received: saving a checkpoint and stopping", flush=True)
-        stop.set()
+    def pass_stop_on(first: bool) -> None:
+        # A stop reaches the training processes themselves: each saves at the same step (they agree on it)
+        # and exits, so accelerate ends cleanly. Asked twice, the launcher is told, and ends them itself.
+        if not launcher:
+            return
+        pid = launcher[0].pid
+        targets = child_pids(pid, recursive=False) if first else [pid]
+        for target in targets:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(target, signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
+    stop = _install_stop_handler(pass_stop_on)
     sink = StoreSink(store, run_id)
     cap = apply_memory_cap()
     if cap:
@@ -144,8 +271,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"=== run {run_id} started {time.strftime('%Y-%m-%d %H:%M:%S')} (pid {os.getpid()})", flush=True)
     code = 0
     try:
-        from studio.train import run_training
-
         config = RunConfig.load(run_dir / CONFIG_FILE)
         if config.model.trust_remote_code:
             sink.event(
@@ -153,35 +278,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"'{config.model.source}'. Only do this for models whose code you trust.",
                 "warning",
             )
-        result = run_training(config, run_dir, sink, stop.is_set, resume_from=run.resume_from, home=home)
-        if result.status == "completed":
-            store.transition(
-                run_id,
-                RunStatus.COMPLETED,
-                adapter_dir=result.adapter_dir,
-                final_loss=result.final_loss,
-                step=result.global_step,
-            )
-            print(f"=== completed: adapter at {result.adapter_dir}", flush=True)
+        if config.distribution.launched:
+            code = launch_and_wait(config, run_dir, store, run_id, sink, stop, launcher)
         else:
-            reason = "Aborted by request"
-            if result.checkpoint_dir:
-                reason += f"; resume continues from {Path(result.checkpoint_dir).name}"
-            store.transition(run_id, RunStatus.ABORTED, error=reason, step=result.global_step)
-            print(f"=== aborted at step {result.global_step}", flush=True)
+            from studio.train import run_training
+
+            result = run_training(config, run_dir, sink, stop.is_set, resume_from=run.resume_from, home=home)
+            record_result(store, home, run_id, result, sink)
     except BaseException as err:  # noqa: BLE001 - every failure must reach the store, not leave "running"
-        traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        message = explain(err)
-        log_tail = _tail(run_dir / "log.txt")
-        error = message + (f"\n\n--- last log lines ---\n{log_tail}" if log_tail else "")
-        try:
-            store.transition(run_id, RunStatus.FAILED, error=error)
-            store.add_event(run_id, message, "error")
-        except Exception:  # noqa: BLE001
-            traceback.print_exc()
-        print(f"=== failed: {message}", flush=True)
+        report_failure(store, run_id, run_dir, err)
         code = 1
     finally:
         try:
@@ -189,6 +294,115 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:  # noqa: BLE001 - never let the hand-off mask the run's own outcome
             traceback.print_exc()
     return code
+
+
+def launch_and_wait(
+    config: RunConfig,
+    run_dir: Path,
+    store: Store,
+    run_id: str,
+    sink: StoreSink,
+    stop: threading.Event,
+    launcher: list[subprocess.Popen],
+) -> int:
+    """Start every process of this machine through `accelerate launch` and wait for them. The processes
+    report the run's outcome themselves; what is left here is the case where they all ended without a word
+    (killed, out of memory, a machine lost)."""
+    from studio.models import detect_device, resolve_model
+    from studio.train import check_runtime
+
+    check_runtime(config, detect_device(config.train.device))  # refused here, before N processes start
+    # The bundled model is converted once on first use: done here, so the processes do not race at it.
+    resolve_model(config.model.source)
+    assigned = parse_ids(os.environ.get(ASSIGNED_ENV)) or config.distribution.device_ids()
+    cmd = launch_command(config, run_dir, assigned or None)
+    sink.event(f"Launching {config.distribution.processes} processes: {launch_text(config, str(run_dir), assigned)}")
+    if stop.is_set():
+        store.transition(run_id, RunStatus.ABORTED, error="Aborted before the processes started.")
+        return 0
+    env = dict(os.environ, **{LAUNCHED_ENV: "1"})
+    launcher.append(
+        subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            # Killed hard, this worker takes the launcher with it; the launcher then ends its processes.
+            preexec_fn=lambda: die_with_parent(signal.SIGTERM),
+        )
+    )
+    code = launcher[0].wait()
+    run = store.get_run(run_id)
+    if run.status == RunStatus.RUNNING:
+        error = (
+            f"The training processes ended (accelerate launch exit code {code}) without reporting: one was "
+            "killed (out of memory?) or lost its peers. See the log below."
+        )
+        log_tail = _tail(run_dir / "log.txt")
+        store.transition(run_id, RunStatus.FAILED, error=error + (f"\n\n--- last log lines ---\n{log_tail}"))
+        store.add_event(run_id, error, "error")
+        return 1
+    return 0 if run.status != RunStatus.FAILED else 1
+
+
+def join(config: RunConfig, home: Path, machine_rank: int) -> int:
+    """Take part from this machine in a run that machine 0 started: its share of the processes, launched
+    the same way; they report to machine 0's processes, not to a store here. Blocks until they end."""
+    from studio.models import resolve_model
+
+    config.distribution.machine_rank = machine_rank
+    problems = config.validate()
+    if not problems and config.distribution.num_machines < 2:
+        problems.append("distribution.num_machines is 1: there is no other machine to join.")
+    if not problems and machine_rank < 1:
+        problems.append("Machine 0 starts the run (studio train); the others join with --machine-rank 1, 2, ...")
+    problems += JobManager(home)._missing_datasets(config)
+    if problems:
+        raise ConfigError(problems)
+    resolve_model(config.model.source)
+    run_dir = home / "joined" / f"{config.name or 'run'}-machine-{machine_rank}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir.mkdir(parents=True)
+    config.save(run_dir / CONFIG_FILE)
+    cmd = launch_command(config, run_dir, config.distribution.device_ids())
+    print(f"Joining as machine {machine_rank} of {config.distribution.num_machines}:", flush=True)
+    print(f"  {launch_text(config, str(run_dir))}", flush=True)
+    env = dict(os.environ, STUDIO_HOME=str(home), **{LAUNCHED_ENV: "1", JOIN_ENV: "1"})
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()  # the launcher ends this machine's processes; machine 0's then fail and report it
+        return proc.wait()
+
+
+def rank_main(run_dir: Path, home: Path, rank: RankInfo) -> int:
+    """One process of a launched run: train this process's shard. Rank 0 reports the outcome; any process
+    that fails marks the run failed (its peers then stop at their next collective)."""
+    die_with_parent()  # the launcher gone, nothing is left to gather this process's gradients
+    run_id = run_dir.name
+    joined = os.environ.get(JOIN_ENV) == "1"
+    store = None if joined else Store(db_path(home))
+    if store is not None:
+        run = store.get_run(run_id)
+        if run.status != RunStatus.RUNNING:
+            print(f"[rank {rank.rank}] run {run_id} is {run.status.value}: not training it.", file=sys.stderr)
+            return 2
+        resume_from = run.resume_from
+    else:
+        resume_from = None
+    stop = _install_stop_handler()
+    sink = StoreSink(store, run_id) if (store is not None and rank.main) else RankSink(rank.rank)
+    print(f"=== rank {rank.rank} of {rank.world_size} started (pid {os.getpid()})", flush=True)
+    try:
+        from studio.train import run_training
+
+        config = RunConfig.load(run_dir / CONFIG_FILE)
+        result = run_training(config, run_dir, sink, stop.is_set, resume_from=resume_from, home=home)
+        if store is not None and rank.main:
+            record_result(store, home, run_id, result, sink)
+    except BaseException as err:  # noqa: BLE001 - the first failure reaches the store for every process
+        report_failure(store, run_id, run_dir, err, who=f"Process {rank.rank} of {rank.world_size}: ")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

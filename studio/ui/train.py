@@ -23,6 +23,7 @@ from typing import Any
 import gradio as gr
 from gradio.context import Context
 
+from studio.coach import advice_for_run
 from studio.config import (
     BIAS_MODES,
     COMPUTE_TYPES,
@@ -32,6 +33,7 @@ from studio.config import (
     QUANT_MODES,
     QUANT_TYPES,
     SCHEDULERS,
+    STRATEGIES,
     TARGET_GROUPS,
     ConfigError,
     LoraSpec,
@@ -39,8 +41,9 @@ from studio.config import (
 )
 from studio.jobs import JobError
 from studio.store import Metric, Run, RunNotFound, RunStatus
+from studio.sweep import DEFAULT_SCAN_STEPS, SWEEPABLE
 from studio.ui import charts
-from studio.ui.common import UIContext, error_message
+from studio.ui.common import UIContext, coach_markdown, error_message
 
 # -- the form as data ---------------------------------------------------------------------------
 
@@ -107,6 +110,16 @@ ELEM_IDS = {
     "train.compute_type": "compute-type",
     "train.device": "train-device",
     "train.num_threads": "train-threads",
+    "train.stop_on_divergence": "train-stop-on-divergence",
+    "train.early_stopping_patience": "train-early-stopping",
+    "distribution.processes": "dist-processes",
+    "distribution.strategy": "dist-strategy",
+    "distribution.offload": "dist-offload",
+    "distribution.devices": "dist-devices",
+    "distribution.num_machines": "dist-machines",
+    "distribution.machine_rank": "dist-machine-rank",
+    "distribution.main_address": "dist-main-address",
+    "distribution.main_port": "dist-main-port",
     TARGET_GROUP: "lora-target-group",
     QLORA: "qlora",
 }
@@ -121,6 +134,7 @@ CHOICES: dict[str, Sequence[str]] = {
     "train.optimizer": OPTIMIZERS,
     "train.compute_type": COMPUTE_TYPES,
     "train.device": DEVICES,
+    "distribution.strategy": STRATEGIES,
     TARGET_GROUP: (*TARGET_GROUPS, CUSTOM),
 }
 
@@ -138,6 +152,10 @@ LABELS = {
     "quant.double_quant": "Double quantization",
     "train.max_grad_norm": "Max grad norm",
     "train.gradient_checkpointing": "Gradient checkpointing",
+    "train.stop_on_divergence": "Stop on divergence (coach)",
+    "train.early_stopping_patience": "Early stopping patience",
+    "distribution.devices": "GPUs",
+    "distribution.offload": "Offload to CPU (DeepSpeed)",
     TARGET_GROUP: "Target group",
     QLORA: "QLoRA (4-bit NF4 base)",
 }
@@ -204,7 +222,30 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "data.train_on_prompt",
         ),
     ),
-    ("Saving and logging", ("train.logging_steps", "train.eval_steps", "train.save_steps", "train.save_total_limit")),
+    (
+        "Saving, evaluation and stopping",
+        (
+            "train.logging_steps",
+            "train.eval_steps",
+            "train.save_steps",
+            "train.save_total_limit",
+            "train.early_stopping_patience",
+            "train.stop_on_divergence",
+        ),
+    ),
+    (
+        "Scale out: processes and GPUs",
+        (
+            "distribution.processes",
+            "distribution.strategy",
+            "distribution.devices",
+            "distribution.offload",
+            "distribution.num_machines",
+            "distribution.machine_rank",
+            "distribution.main_address",
+            "distribution.main_port",
+        ),
+    ),
 )
 TOP_KEYS = ("model.source", "model.trust_remote_code", "data.datasets", "name")
 
@@ -486,6 +527,14 @@ def command_text(cfg: RunConfig, preset: str | None = None) -> str:
         if base is not None:
             sets = [f"  --set {shlex.quote(s)}" for s in set_overrides(base, cfg)]
             lines += ["# or, from the preset:", " \\\n".join([f"studio train {shlex.quote(preset)}", *sets]), ""]
+    if cfg.distribution.launched:
+        from studio.distributed import launch_text
+
+        lines += [
+            f"# {cfg.distribution.processes} processes: the worker starts them through accelerate, as",
+            launch_text(cfg),
+            "",
+        ]
     return "\n".join(lines) + "\n# run.yaml\n" + cfg.to_yaml()
 
 
@@ -548,6 +597,40 @@ def start_training(ctx: UIContext, values: Sequence[Any]) -> tuple[str, str | No
     except (JobError, OSError) as err:
         return error_message(err), None
     return f"Run `{run.id}` is **{run.status.value}**.", run.id
+
+
+NO_SECOND_PARAM = "(none)"
+
+
+def start_sweep(
+    ctx: UIContext,
+    param: str,
+    values_text: str,
+    param2: str | None,
+    values2_text: str | None,
+    scan_steps: float | None,
+    values: Sequence[Any],
+) -> tuple[str, str | None]:
+    """Queue one short scan run per value (or per grid point of two parameters) from the form's config.
+    The form's own length (epochs or max steps) is kept for the long run started later from the pick."""
+    from studio.sweep import SweepError, parse_params, sweep_notes
+
+    try:
+        cfg = config_from_form(values)
+        texts = [f"{param}={values_text or ''}"]
+        if param2 and param2 != NO_SECOND_PARAM and (values2_text or "").strip():
+            texts.append(f"{param2}={values2_text}")
+        params = parse_params(texts)
+        steps = int(scan_steps or 0)
+        sweep, runs = ctx.jobs.submit_sweep(cfg, params, steps, cfg.name or "sweep")
+    except (ConfigError, SweepError, JobError, OSError, ValueError) as err:
+        return error_message(err), None
+    names = ", ".join(f"`{r.name}`" for r in runs)
+    notes = "".join(f"\n- {note}" for note in sweep_notes(cfg, params, steps))
+    return (
+        f"Sweep `{sweep.id}`: {len(runs)} scan runs of {steps} steps queued, cheapest first: {names}. "
+        f"Compare them in the Runs tab (Sweeps) and start the long run from the pick there.{notes}"
+    ), runs[0].id
 
 
 def start_preset_run(
@@ -666,19 +749,27 @@ def progress_html(step: int, total: int) -> str:
     )
 
 
+def devices_text(run: Run) -> str:
+    """' · on GPU 0,1 · 2 processes' for a running run: where the queue put it."""
+    processes = (run.config.get("distribution") or {}).get("processes", 1)
+    where = f" · on GPU {run.devices}" if run.devices and run.devices != "cpu" else " · on CPU" if run.devices else ""
+    return where + (f" · {processes} processes" if isinstance(processes, int) and processes > 1 else "")
+
+
 def status_markdown(run: Run, metrics: Sequence[Metric], log: str, now: float, queue_pos: int = 0) -> str:
     """What the user needs to know about a run, and for a stopped run what to do next."""
     head = f"**{run.status.value}** · `{run.id}`"
     loss = f" · loss {run.final_loss:.4f}" if run.final_loss is not None else ""
     steps = f" · step {run.step}/{run.total_steps}" if run.total_steps else f" · step {run.step}"
     if run.status == RunStatus.QUEUED:
-        return f"{head} · waiting for a free training slot ({queue_pos} run(s) ahead)."
+        return f"{head} · waiting for a free training slot or GPU ({queue_pos} run(s) ahead)."
     if run.status == RunStatus.RUNNING:
         elapsed = format_duration(run.duration_s if run.started_at else None)
         eta = format_duration(eta_seconds(run, metrics, now))
+        where = devices_text(run)
         if not run.total_steps:
-            return f"{head} · loading the model and data · elapsed {elapsed}"
-        return f"{head}{steps} · elapsed {elapsed} · ETA {eta}{loss}"
+            return f"{head}{where} · loading the model and data · elapsed {elapsed}"
+        return f"{head}{where}{steps} · elapsed {elapsed} · ETA {eta}{loss}"
     took = format_duration(run.duration_s)
     if run.status == RunStatus.COMPLETED:
         return f"{head} in {took}{steps}{loss}\n\nAdapter: `{run.adapter_dir or '-'}`"
@@ -691,13 +782,14 @@ def status_markdown(run: Run, metrics: Sequence[Metric], log: str, now: float, q
 
 @dataclass
 class WatchView:
-    """One timer tick's output; figures and log are None when nothing new was logged (left as they are)."""
+    """One timer tick's output; figures, log and coach are None when nothing new was logged (left as they are)."""
 
     status: str
     progress: str
     figures: list | None
     log: str | None
     signature: str
+    coach: str | None = None
 
 
 def watch(ctx: UIContext, run_id: str | None, last_signature: str | None = None, now: float | None = None) -> WatchView:
@@ -705,7 +797,7 @@ def watch(ctx: UIContext, run_id: str | None, last_signature: str | None = None,
     now = time.time() if now is None else now
     if not run_id:
         empty = [charts.empty_figure(t) for t in ("Loss", *(s[1] for s in charts.SMALL_CHARTS))]
-        return WatchView("No run selected. Start one, or pick a run above.", progress_html(0, 0), empty, "", "")
+        return WatchView("No run selected. Start one, or pick a run above.", progress_html(0, 0), empty, "", "", "")
     store = ctx.jobs.store
     try:
         run = store.get_run(run_id)
@@ -713,7 +805,7 @@ def watch(ctx: UIContext, run_id: str | None, last_signature: str | None = None,
             ctx.jobs.reconcile()  # a dead worker shows as interrupted instead of running forever
             run = store.get_run(run_id)
     except RunNotFound as err:
-        return WatchView(f"**Error:** {err}", progress_html(0, 0), None, "", "")
+        return WatchView(f"**Error:** {err}", progress_html(0, 0), None, "", "", "")
     metrics = store.metrics(run_id)
     log = ctx.jobs.log_tail(run_id, 60)
     last = metrics[-1] if metrics else None
@@ -726,6 +818,7 @@ def watch(ctx: UIContext, run_id: str | None, last_signature: str | None = None,
         figures=charts.run_figures(metrics) if fresh else None,
         log=log if fresh else None,
         signature=signature,
+        coach=coach_markdown(advice_for_run(store, run)) if fresh else None,
     )
 
 
@@ -761,10 +854,29 @@ def _special_widget(key: str, value: Any, ctx: UIContext) -> gr.components.Compo
     if key == "data.datasets":
         choices = sorted(set(_dataset_names(ctx)) | set(value))
         return gr.Dropdown(choices, value=value, multiselect=True, label=label, info=info, elem_id=elem_id, scale=2)
+    if key == "distribution.devices":
+        return gr.Dropdown(
+            device_choices(), value=value, label=label, info=info, allow_custom_value=True, elem_id=elem_id
+        )
     # Target modules: a multiselect that accepts any name, so a model's own layer names always fit.
     return gr.Dropdown(
         value, value=value, multiselect=True, allow_custom_value=True, label=label, info=info, elem_id=elem_id
     )
+
+
+def device_choices(gpus: Sequence[int] | None = None) -> list[str]:
+    """'auto', each GPU alone, then the first 2, 4, ... and all of them: the usual ways to pick GPUs (any
+    other list can be typed)."""
+    if gpus is None:
+        from studio.distributed import DistributedError, visible_gpus
+
+        try:
+            gpus = visible_gpus()
+        except DistributedError:
+            gpus = []
+    ids = [str(i) for i in gpus]
+    groups = [",".join(ids[:n]) for n in (2, 4, 8) if n < len(ids)]
+    return ["auto", *ids, *groups, *([",".join(ids)] if len(ids) > 1 else [])]
 
 
 def _dataset_names(ctx: UIContext) -> list[str]:
@@ -807,7 +919,7 @@ def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:
     for title, keys in SECTIONS:
         with gr.Accordion(title, open=True), gr.Row(equal_height=False):
             for key in keys:
-                if key == "lora.target_modules":
+                if key in ("lora.target_modules", "distribution.devices"):
                     w[key] = _special_widget(key, initial[key], ctx)
                 else:
                     w[key] = _widget(key, initial[key])
@@ -824,9 +936,35 @@ def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:
         resume = gr.Button("Resume", elem_id="train-resume")
     message = gr.Markdown(elem_id="train-message")
 
+    with gr.Accordion("Sweep: scan a parameter with short runs, then train the pick longer", open=False):
+        gr.Markdown(
+            "One short run per value, smallest first, each with the form's settings and the scan length below. "
+            "Practitioners scan ranks 8, 16, 32, 64 on a few hundred steps, look for the knee, then train the "
+            "best one longer. Scanning `lora.r` alone keeps the form's alpha/r ratio. Use a validation split "
+            "(Data: val size) so the pick is made on eval loss."
+        )
+        with gr.Row():
+            sweep_param = gr.Dropdown(
+                list(SWEEPABLE), value="lora.r", label="Parameter", elem_id="sweep-param", scale=1
+            )
+            sweep_values = gr.Textbox(value="8,16,32,64", label="Values", elem_id="sweep-values", scale=2)
+            sweep_param2 = gr.Dropdown(
+                [NO_SECOND_PARAM, *SWEEPABLE],
+                value=NO_SECOND_PARAM,
+                label="Second parameter (grid)",
+                elem_id="sweep-param2",
+                scale=1,
+            )
+            sweep_values2 = gr.Textbox(value="", label="Values", elem_id="sweep-values2", scale=2)
+            sweep_steps = gr.Number(
+                value=DEFAULT_SCAN_STEPS, precision=0, label="Scan steps per run", elem_id="sweep-steps", scale=1
+            )
+        sweep_start = gr.Button("Queue sweep", elem_id="sweep-start")
+
     run = gr.Dropdown([], value=None, label="Watching run", allow_custom_value=True, elem_id="train-run")
     status = gr.Markdown(elem_id="train-status")
     progress = gr.HTML(progress_html(0, 0), elem_id="train-progress")
+    coach = gr.Markdown(elem_id="train-coach")
     plot_ids = ("loss-plot", "lr-plot", "gradnorm-plot", "speed-plot", "memory-plot")
     with gr.Row():
         plots = [gr.Plot(label=i.split("-")[0], elem_id=i) for i in plot_ids[:1]]
@@ -901,6 +1039,15 @@ def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:
         return gr.update(choices=run_choices(runs), value=current or default_run(runs))
 
     start.click(on_start, form, [message, run], api_name="start_training").then(refresh_runs, run, run, api_name=False)
+
+    def on_sweep(param, values_text, param2, values2_text, steps, *values):
+        text, run_id = start_sweep(ctx, param, values_text, param2, values2_text, steps, values)
+        return text, gr.skip() if run_id is None else run_id
+
+    sweep_inputs = [sweep_param, sweep_values, sweep_param2, sweep_values2, sweep_steps, *form]
+    sweep_start.click(on_sweep, sweep_inputs, [message, run], api_name="start_sweep").then(
+        refresh_runs, run, run, api_name=False
+    )
     abort.click(lambda run_id: abort_run(ctx, run_id), run, message, api_name="abort_run")
     resume.click(lambda run_id: resume_run(ctx, run_id), run, message, api_name="resume_run").then(
         refresh_runs, run, run, api_name=False
@@ -919,10 +1066,10 @@ def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:
     def tick(run_id, last):
         view = watch(ctx, run_id, last)
         figures = view.figures or [None] * len(plots)
-        return view.status, view.progress, *_skip_none(*figures, view.log), view.signature
+        return view.status, view.progress, *_skip_none(*figures, view.log, view.coach), view.signature
 
     timer = gr.Timer(1.0)
-    watch_outputs = [status, progress, *plots, log, signature]
+    watch_outputs = [status, progress, *plots, log, coach, signature]
     timer.tick(tick, [run, signature], watch_outputs, api_name=False, show_progress="hidden")
     # A new run to watch draws everything afresh, at once.
     run.change(lambda run_id: tick(run_id, None), run, watch_outputs, api_name=False, show_progress="hidden")

@@ -129,3 +129,93 @@ def test_threads_sharing_a_store_keep_their_transactions_apart(tmp_path):
     assert len(store.list_runs()) == 64
     assert all(len(store.metrics(f"run-{i}")) == 5 for i in range(64))
     store.close()
+
+
+# -- sweeps and the migration of older workspaces --------------------------------------------------------
+# The runs table as the first release created it: no sweep_id column, no sweeps table.
+OLD_SCHEMA = """
+CREATE TABLE runs (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL, config TEXT NOT NULL,
+    model TEXT NOT NULL DEFAULT '', datasets TEXT NOT NULL DEFAULT '', run_dir TEXT NOT NULL,
+    created_at REAL NOT NULL, started_at REAL, finished_at REAL, pid INTEGER, pid_started TEXT, error TEXT,
+    step INTEGER NOT NULL DEFAULT 0, total_steps INTEGER NOT NULL DEFAULT 0, final_loss REAL,
+    adapter_dir TEXT, resume_from TEXT
+);
+CREATE TABLE metrics (
+    run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE, step INTEGER NOT NULL, time REAL NOT NULL,
+    epoch REAL, loss REAL, eval_loss REAL, learning_rate REAL, grad_norm REAL, tokens_per_s REAL, memory_mb REAL,
+    PRIMARY KEY (run_id, step)
+);
+INSERT INTO runs (id, name, status, config, run_dir, created_at, final_loss)
+    VALUES ('old', 'old run', 'completed', '{"lora": {"r": 8}}', '/x', 1.0, 1.25);
+INSERT INTO metrics (run_id, step, time, loss) VALUES ('old', 1, 1.0, 1.25);
+"""
+
+
+def old_workspace_db(path):
+    conn = sqlite3.connect(path)
+    conn.executescript(OLD_SCHEMA)
+    conn.close()
+    return path
+
+
+def test_an_old_workspace_without_sweeps_opens_and_gains_them(tmp_path):
+    path = old_workspace_db(tmp_path / "studio.db")
+    store = Store(path)
+    old = store.get_run("old")
+    assert old.sweep_id is None and old.final_loss == 1.25 and store.metrics("old")[0].loss == 1.25  # kept
+    assert old.devices is None
+    columns = {r[1] for r in sqlite3.connect(path).execute("PRAGMA table_info(runs)")}
+    assert {"sweep_id", "devices"} <= columns
+    assert store.list_sweeps() == []
+    sweep = store.create_sweep("s1", "scan", {"lora": {"r": 16}}, [{"path": "lora.r", "values": [8, 16]}], 50)
+    assert sweep.long_run_id is None and sweep.params[0]["values"] == [8, 16]
+    store.close()
+    again = Store(path)  # a second open finds nothing left to migrate
+    assert again.get_sweep("s1").name == "scan" and again.get_run("old").status == RunStatus.COMPLETED
+    again.close()
+
+
+def test_two_processes_opening_an_old_workspace_at_once_both_succeed(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = old_workspace_db(tmp_path / "studio.db")
+    with ThreadPoolExecutor(4) as pool:  # each thread opens its own Store, as each process does
+        stores = list(pool.map(lambda _: Store(path), range(4)))
+    assert all(s.get_run("old").sweep_id is None for s in stores)
+    for s in stores:
+        s.close()
+
+
+def test_a_sweep_and_its_runs_are_created_together_in_scan_order(store):
+    runs = [(f"run-{r}", f"scan-r{r}", {"lora": {"r": r}}, f"/runs/run-{r}") for r in (8, 16, 32)]
+    make(store, "earlier")  # queued before the sweep: it stays first
+    store.create_sweep("s1", "scan", {}, [{"path": "lora.r", "values": [8, 16, 32]}], 50, runs)
+    assert [r.id for r in store.runs_of_sweep("s1")] == ["run-8", "run-16", "run-32"]
+    assert [r.id for r in store.queued_runs()] == ["earlier", "run-8", "run-16", "run-32"]
+    assert store.get_run("run-8").sweep_id == "s1" and store.get_run("earlier").sweep_id is None
+
+
+def test_a_failed_sweep_insert_leaves_neither_sweep_nor_runs(store):
+    make(store, "taken")
+    runs = [("fresh", "a", {}, "/a"), ("taken", "b", {}, "/b")]  # the 2nd id exists: the insert fails
+    with pytest.raises(sqlite3.IntegrityError):
+        store.create_sweep("s1", "scan", {}, [], 50, runs)
+    assert store.list_sweeps() == [] and [r.id for r in store.list_runs()] == ["taken"]
+
+
+def test_long_run_comes_last_and_deleted_runs_leave_the_sweep(store):
+    from studio.store import SweepNotFound
+
+    store.create_sweep("s1", "scan", {}, [], 50, [("a", "a", {}, "/a"), ("b", "b", {}, "/b")])
+    store.create_run("long", "long", {}, "/long", sweep_id="s1")
+    assert store.set_sweep_long_run("s1", "long").long_run_id == "long"
+    assert [r.id for r in store.runs_of_sweep("s1")] == ["a", "b", "long"]
+    assert [r.id for r in store.runs_of_sweep("s1", include_long=False)] == ["a", "b"]
+    store.delete_run("a")
+    store.delete_run("long")
+    assert [r.id for r in store.runs_of_sweep("s1")] == ["b"] and store.get_sweep("s1").name == "scan"
+    with pytest.raises(SweepNotFound, match="No sweep 'nope'"):
+        store.get_sweep("nope")
+    with pytest.raises(SweepNotFound):
+        store.set_sweep_long_run("nope", "x")

@@ -168,6 +168,31 @@ def test_command_reproduces_the_form():
     assert load_run_config("lora-balanced", sets) == cfg
 
 
+def test_the_command_box_shows_the_launch_line_of_a_multi_process_run(ctx):
+    cfg = load_preset("quick-demo")
+    assert "accelerate launch" not in T.command_text(cfg)  # one process: the worker trains itself
+    form = with_values(T.form_from_config(cfg), distribution__processes=2, distribution__devices="0,1")
+    text = T.command_from_form(None, *form)
+    assert "accelerate launch --num_processes 2 " in text and "--gpu_ids 0,1 --multi_gpu" in text
+    assert T.config_from_form(form).distribution.processes == 2
+    bad = with_values(form, distribution__strategy="fsdp", distribution__devices="auto", train__device="cpu")
+    message, run_id = T.start_training(ctx, bad)
+    assert run_id is None and "needs CUDA GPUs: on CPU use 'ddp'" in message
+
+
+def test_the_gpu_picker_offers_each_gpu_and_groups():
+    assert T.device_choices([]) == ["auto"]
+    assert T.device_choices([0]) == ["auto", "0"]
+    assert T.device_choices([0, 1, 2, 3]) == ["auto", "0", "1", "2", "3", "0,1", "0,1,2,3"]
+
+
+def test_a_running_run_says_where_it_runs(ctx):
+    run_id = start_queued(ctx)
+    ctx.jobs.store.transition(run_id, RunStatus.RUNNING, pid=os.getpid(), devices="0,1")
+    run = ctx.jobs.store.get_run(run_id)
+    assert "on GPU 0,1" in T.status_markdown(run, [], "", time.time())
+
+
 def test_save_and_load_a_preset(tmp_path):
     cfg = load_preset("quick-demo")
     cfg.lora.r = 8
