@@ -62,13 +62,17 @@ class Server:
 
 
 def stop_workers(home: Path) -> None:
-    """Runs the server started train in their own sessions: end them too."""
+    """Runs the server started train in their own sessions: end them too. Queued runs are dropped first:
+    a worker ended by SIGTERM aborts cleanly and would start the next queued run on its way out."""
     from studio.paths import db_path
     from studio.store import RunStatus, Store
 
     if not db_path(home).exists():
         return
-    for run in Store(db_path(home)).list_runs(RunStatus.RUNNING):
+    store = Store(db_path(home))
+    for run in store.list_runs(RunStatus.QUEUED):
+        store.transition(run.id, RunStatus.ABORTED, error="Dropped when the test server stopped.")
+    for run in store.list_runs(RunStatus.RUNNING):
         if run.pid:
             kill_tree(run.pid)
 

@@ -86,11 +86,21 @@ def test_sweep_button_reports_bad_values_and_queues_nothing(server, page):
     page.goto(server.url)
     open_tab(page, "Train")
     page.get_by_text("Sweep: scan a parameter").first.click()  # the accordion starts closed
-    page.locator("#sweep-values textarea, #sweep-values input").first.fill("8")
+    values = page.locator("#sweep-values textarea, #sweep-values input").first
+    values.wait_for(state="visible")
+    # An accordion that has just opened can still render its default ("8,16,32,64") over a fast fill,
+    # which would queue a real four-run sweep: type until the box holds the one value.
+    for _ in range(20):
+        values.fill("8")
+        page.wait_for_timeout(250)
+        if values.input_value() == "8":
+            break
+    assert values.input_value() == "8"
+    values.press("Tab")  # commit the value to the server-side component before the click reads it
     page.locator("#sweep-start").click()
     text = wait_text(page, "train-message", "lora.r", timeout=30)
     assert "2" in text  # says that a sweep needs at least two values
-    assert len(jobs.store.list_runs()) == before
+    assert len(jobs.store.list_runs()) == before, [r.name for r in jobs.store.list_runs()]
 
 
 def test_coach_messages_reach_the_page(server, page, tiny_model_dir):
