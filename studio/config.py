@@ -250,6 +250,14 @@ class TrainSpec:
         return p
 
 
+def parse_gpu_ids(text: str | None) -> list[int]:
+    """'0,1' -> [0, 1]; '', 'none', 'cpu' -> []. Raises ValueError on anything else."""
+    text = (text or "").strip().lower()
+    if text in ("", "none", "cpu"):
+        return []
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
 @dataclass
 class DistributionSpec:
     processes: int = field(
@@ -302,7 +310,7 @@ class DistributionSpec:
         text = str(self.devices).strip().lower()
         if text in ("", "auto"):
             return None
-        ids = [int(part) for part in text.split(",") if part.strip()]
+        ids = parse_gpu_ids(text)
         if not ids or any(i < 0 for i in ids) or len(set(ids)) != len(ids):
             raise ValueError(text)
         return ids

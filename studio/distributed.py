@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from studio.config import RunConfig
+from studio.config import RunConfig, parse_gpu_ids
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 GPUS_ENV = "STUDIO_GPUS"  # the GPU inventory the queue may hand out ("0,1", or "none"); default: all visible
@@ -114,10 +114,16 @@ def launch_command(
     return [*cmd, "-m", "studio.worker", str(run_dir)]
 
 
-def launch_text(config: RunConfig, run_dir: str = "RUN_DIR", gpu_ids: list[int] | None = None) -> str:
-    """The launch line as a person types it (`accelerate launch ...`), for the command box and the log."""
-    argv = launch_command(config, run_dir, gpu_ids if gpu_ids is not None else config.distribution.device_ids())
+def typed_line(argv: list[str]) -> str:
+    """A launch_command argv as a person types it: `accelerate launch ...`."""
     return "accelerate launch " + shlex.join(argv[3:])
+
+
+def launch_text(config: RunConfig, run_dir: str = "RUN_DIR", gpu_ids: list[int] | None = None) -> str:
+    """The launch line of a config, for the command box: the GPUs it pins unless others are given."""
+    return typed_line(
+        launch_command(config, run_dir, gpu_ids if gpu_ids is not None else config.distribution.device_ids())
+    )
 
 
 # -- which process am I ---------------------------------------------------------------------------
@@ -142,18 +148,25 @@ def rank_info(env: dict[str, str] | None = None) -> RankInfo:
     return RankInfo(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
 
 
-def any_rank(flag: bool, device: Any) -> bool:
-    """True on every process when it is true on any: a stop request (SIGTERM reaches the processes at
-    slightly different moments) must end every process at the same step, or the others wait forever in the
-    next gradient all-reduce."""
+def reduce_over_ranks(values: list[int], op: str, device: Any) -> list[int]:
+    """Whole numbers combined over every process ('sum' or 'max'), the same answer on each; as they are
+    outside a launched run. A collective: every process must call it at the same point. device: where
+    the backend reduces (NCCL only reduces GPU tensors)."""
     import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+        return values
+    tensor = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return [int(v) for v in tensor.tolist()]
+
+
+def any_rank(flag: bool, device: Any) -> bool:
+    """True on every process when it is true on any: a stop request (SIGTERM reaches the processes at
+    slightly different moments) must end every process at the same step, or the others wait forever in the
+    next gradient all-reduce."""
+    return bool(reduce_over_ranks([int(flag)], "max", device)[0])
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
@@ -236,21 +249,13 @@ def read_rank_reports(run_dir: Path) -> list[RankReport]:
 
 
 # -- devices for the queue ------------------------------------------------------------------------
-def parse_ids(text: str | None) -> list[int]:
-    """'0,1' -> [0, 1]; '', 'none', 'cpu' -> []. Raises ValueError on anything else."""
-    text = (text or "").strip().lower()
-    if text in ("", "none", "cpu"):
-        return []
-    return [int(part) for part in text.split(",") if part.strip()]
-
-
 def visible_gpus(env: dict[str, str] | None = None) -> list[int]:
     """Physical CUDA ids the queue may hand out: STUDIO_GPUS when set (to keep GPUs for other work, or to
     declare them), else every GPU torch sees, named as CUDA_VISIBLE_DEVICES names them."""
     env = os.environ if env is None else env
     if GPUS_ENV in env:
         try:
-            return parse_ids(env[GPUS_ENV])
+            return parse_gpu_ids(env[GPUS_ENV])
         except ValueError as err:
             raise DistributedError(f"{GPUS_ENV}={env[GPUS_ENV]!r} is not a list of GPU ids like '0,1'.") from err
     try:
@@ -262,7 +267,7 @@ def visible_gpus(env: dict[str, str] | None = None) -> list[int]:
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if visible:
         try:
-            return parse_ids(visible)[:count]
+            return parse_gpu_ids(visible)[:count]
         except ValueError:  # UUIDs: torch's own numbering is all we can pass on
             return list(range(count))
     return list(range(count))

@@ -24,13 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from studio.allocator import child_env
-from studio.config import ConfigError, RunConfig
+from studio.config import ConfigError, RunConfig, parse_gpu_ids
 from studio.distributed import (
     ASSIGNED_ENV,
     DeviceRequest,
     DistributedError,
     device_request,
-    parse_ids,
     pick_devices,
     request_problems,
     visible_gpus,
@@ -161,9 +160,23 @@ def model_problems(config: RunConfig, known: list[str] | tuple[str, ...] = ()) -
     return []
 
 
+def missing_datasets(home: Path, config: RunConfig) -> list[str]:
+    """A problem for each dataset the config names that this workspace has not registered."""
+    from studio.data import DataError, DatasetRegistry
+
+    registry = DatasetRegistry(home)
+    missing = []
+    for name in config.data.datasets:
+        try:
+            registry.get(name)
+        except (DataError, KeyError):
+            missing.append(f"Dataset '{name}' is not registered. Register it first (studio datasets add).")
+    return missing
+
+
 def _gpu_ids(devices: str | None) -> list[int]:
     try:
-        return parse_ids(devices)
+        return parse_gpu_ids(devices)
     except ValueError:
         return []
 
@@ -251,7 +264,7 @@ class JobManager:
     def submit(self, config: RunConfig, start: bool = True, sweep_id: str | None = None) -> Run:
         """Validate, create the run directory and its row (queued), and start it if a slot is free."""
         problems = config.validate()
-        problems += self._missing_datasets(config)
+        problems += missing_datasets(self.home, config)
         problems += model_problems(config, problems)
         problems += self._device_problems(config, problems)
         if problems:
@@ -280,7 +293,7 @@ class JobManager:
         name = name or base.name or "sweep"
         scan_steps = as_steps(scan_steps)
         plan = expand(base, params, scan_steps, name)  # raises SweepError listing every problem
-        problems = self._missing_datasets(base)  # datasets are not sweepable: the base's are every run's
+        problems = missing_datasets(self.home, base)  # datasets are not sweepable: the base's are every run's
         seen: set[str] = set()
         for _, config in plan:  # model and targets: once per distinct target_modules value
             key = json.dumps(config.lora.target_modules)
@@ -376,18 +389,6 @@ class JobManager:
             return [str(err)]
         return request_problems(device_request(config, bool(gpus)), gpus)
 
-    def _missing_datasets(self, config: RunConfig) -> list[str]:
-        from studio.data import DataError, DatasetRegistry
-
-        registry = DatasetRegistry(self.home)
-        missing = []
-        for name in config.data.datasets:
-            try:
-                registry.get(name)
-            except (DataError, KeyError):
-                missing.append(f"Dataset '{name}' is not registered. Register it first (studio datasets add).")
-        return missing
-
     # -- scheduling ---------------------------------------------------------------------------
     def schedule(self) -> list[str]:
         """Start queued runs, oldest first, while their devices are free: CPU runs take one of `slots`,
@@ -397,9 +398,9 @@ class JobManager:
         with self._lock():
             self._reconcile_locked()
             gpus = visible_gpus()
-            running = self.store.list_runs(RunStatus.RUNNING)
-            used = {i for run in running for i in _gpu_ids(run.devices)}
-            cpu_busy = sum(1 for run in running if not _gpu_ids(run.devices))
+            held = [_gpu_ids(run.devices) for run in self.store.list_runs(RunStatus.RUNNING)]
+            used = {i for ids in held for i in ids}
+            cpu_busy = sum(1 for ids in held if not ids)
             for run in self.store.queued_runs():
                 request = self._request(run, bool(gpus))
                 if request.gpus == 0:

@@ -30,7 +30,15 @@ from studio.coach import (
     write_data_facts,
 )
 from studio.config import BNB_OPTIMIZERS, SHARDING, RunConfig, device_problems
-from studio.distributed import RankInfo, RankReport, any_rank, lora_digest, rank_info, write_rank_report
+from studio.distributed import (
+    RankInfo,
+    RankReport,
+    any_rank,
+    lora_digest,
+    rank_info,
+    reduce_over_ranks,
+    write_rank_report,
+)
 from studio.models import (
     ResolvedModel,
     detect_device,
@@ -301,7 +309,8 @@ def _throughput(runtime: Any, counter: TokenCounter, device: str, rank: RankInfo
     runtime = _num(runtime) or 0.0
     total, positions = counter.total, counter.positions
     if rank.distributed:
-        total, positions = _sum_over_ranks([total, positions], device)
+        where = f"cuda:{rank.local_rank}" if device == "cuda" else "cpu"
+        total, positions = reduce_over_ranks([total, positions], "sum", where)
     return {
         "train_runtime_s": round(runtime, 3),
         "real_tokens": total,
@@ -309,18 +318,6 @@ def _throughput(runtime: Any, counter: TokenCounter, device: str, rank: RankInfo
         "padding_share": round(1 - total / positions, 4) if positions else 0.0,
         "peak_memory_mb": round(_peak_memory_mb(device), 1),
     }
-
-
-def _sum_over_ranks(values: list[int], device: str) -> list[int]:
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    where = f"cuda:{rank_info().local_rank}" if device == "cuda" else "cpu"  # NCCL reduces GPU tensors only
-    tensor = torch.tensor(values, dtype=torch.int64, device=where)
-    dist.all_reduce(tensor)
-    return [int(v) for v in tensor.tolist()]
 
 
 def load_device(config: RunConfig, device: str, rank: RankInfo) -> str:

@@ -32,18 +32,17 @@ import traceback
 from pathlib import Path
 
 from studio.allocator import choose_allocator, loaded_allocator
-from studio.config import ConfigError, RunConfig
+from studio.config import ConfigError, RunConfig, parse_gpu_ids
 from studio.distributed import (
     ASSIGNED_ENV,
     RankInfo,
     child_pids,
     die_with_parent,
     launch_command,
-    launch_text,
-    parse_ids,
     rank_info,
+    typed_line,
 )
-from studio.jobs import CONFIG_FILE, SPAWNED_ENV, JobManager, process_start_token
+from studio.jobs import CONFIG_FILE, SPAWNED_ENV, JobManager, missing_datasets, process_start_token
 from studio.paths import db_path, studio_home
 from studio.store import IllegalTransition, RunStatus, Store
 
@@ -188,17 +187,25 @@ def report_failure(store: Store | None, run_id: str, run_dir: Path, err: BaseExc
     sys.stdout.flush()
     sys.stderr.flush()
     message = who + explain(err)
-    log_tail = _tail(run_dir / "log.txt")
-    error = message + (f"\n\n--- last log lines ---\n{log_tail}" if log_tail else "")
     if store is not None:
         try:
-            store.transition(run_id, RunStatus.FAILED, error=error)
-            store.add_event(run_id, message, "error")
-        except IllegalTransition:
-            pass  # another process of the run reported first
+            mark_failed(store, run_id, run_dir, message)
         except Exception:  # noqa: BLE001
             traceback.print_exc()
     print(f"=== failed: {message}", flush=True)
+
+
+def mark_failed(store: Store, run_id: str, run_dir: Path, message: str) -> bool:
+    """The run failed: the message, with the last log lines, as its error and an event. False when another
+    process of the run has already reported how it ended (the first word stands)."""
+    log_tail = _tail(run_dir / "log.txt")
+    error = message + (f"\n\n--- last log lines ---\n{log_tail}" if log_tail else "")
+    try:
+        store.transition(run_id, RunStatus.FAILED, error=error)
+    except IllegalTransition:
+        return False
+    store.add_event(run_id, message, "error")
+    return True
 
 
 def _install_stop_handler(on_stop=None) -> threading.Event:
@@ -314,9 +321,9 @@ def launch_and_wait(
     check_runtime(config, detect_device(config.train.device))  # refused here, before N processes start
     # The bundled model is converted once on first use: done here, so the processes do not race at it.
     resolve_model(config.model.source)
-    assigned = parse_ids(os.environ.get(ASSIGNED_ENV)) or config.distribution.device_ids()
+    assigned = parse_gpu_ids(os.environ.get(ASSIGNED_ENV)) or config.distribution.device_ids()
     cmd = launch_command(config, run_dir, assigned or None)
-    sink.event(f"Launching {config.distribution.processes} processes: {launch_text(config, str(run_dir), assigned)}")
+    sink.event(f"Launching {config.distribution.processes} processes: {typed_line(cmd)}")
     if stop.is_set():
         store.transition(run_id, RunStatus.ABORTED, error="Aborted before the processes started.")
         return 0
@@ -331,17 +338,13 @@ def launch_and_wait(
         )
     )
     code = launcher[0].wait()
-    run = store.get_run(run_id)
-    if run.status == RunStatus.RUNNING:
-        error = (
+    if store.get_run(run_id).status == RunStatus.RUNNING:
+        message = (
             f"The training processes ended (accelerate launch exit code {code}) without reporting: one was "
             "killed (out of memory?) or lost its peers. See the log below."
         )
-        log_tail = _tail(run_dir / "log.txt")
-        store.transition(run_id, RunStatus.FAILED, error=error + (f"\n\n--- last log lines ---\n{log_tail}"))
-        store.add_event(run_id, error, "error")
-        return 1
-    return 0 if run.status != RunStatus.FAILED else 1
+        mark_failed(store, run_id, run_dir, message)
+    return 1 if store.get_run(run_id).status == RunStatus.FAILED else 0
 
 
 def join(config: RunConfig, home: Path, machine_rank: int) -> int:
@@ -355,7 +358,7 @@ def join(config: RunConfig, home: Path, machine_rank: int) -> int:
         problems.append("distribution.num_machines is 1: there is no other machine to join.")
     if not problems and machine_rank < 1:
         problems.append("Machine 0 starts the run (studio train); the others join with --machine-rank 1, 2, ...")
-    problems += JobManager(home)._missing_datasets(config)
+    problems += missing_datasets(home, config)
     if problems:
         raise ConfigError(problems)
     resolve_model(config.model.source)
@@ -364,7 +367,7 @@ def join(config: RunConfig, home: Path, machine_rank: int) -> int:
     config.save(run_dir / CONFIG_FILE)
     cmd = launch_command(config, run_dir, config.distribution.device_ids())
     print(f"Joining as machine {machine_rank} of {config.distribution.num_machines}:", flush=True)
-    print(f"  {launch_text(config, str(run_dir))}", flush=True)
+    print(f"  {typed_line(cmd)}", flush=True)
     env = dict(os.environ, STUDIO_HOME=str(home), **{LAUNCHED_ENV: "1", JOIN_ENV: "1"})
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env)
     try:
