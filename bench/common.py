@@ -65,7 +65,7 @@ def versions() -> dict[str, str]:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
             out[pkg] = "-"
-    from studio.allocator import choose_allocator
+    from studio.core.allocator import choose_allocator
 
     out["worker allocator"] = choose_allocator().describe
     return out

@@ -1,5 +1,5 @@
 """Planner vs reality: train the bundled model a few steps under several configs, each in a fresh process,
-and compare its peak memory with `studio.planner.plan_memory`.
+and compare its peak memory with `studio.model.memory.plan_memory`.
 
 Measured on CPU: peak RSS (VmHWM) minus the RSS right after `import torch, transformers` in that same
 process (so the interpreter, torch and transformers themselves are not counted, everything after is). The
@@ -59,7 +59,7 @@ CONFIGS: dict[str, dict] = {
 
 
 def run_config(name: str, tiny_dir: str):
-    from studio.config import RunConfig, merge_dicts
+    from studio.core.config import RunConfig, merge_dicts
 
     cfg = merge_dicts(BASE, CONFIGS[name])
     if cfg["model"]["source"] == "<tiny>":
@@ -189,11 +189,11 @@ def saved_tensors(model):
 
 
 def _instrument(probe: PhaseProbe) -> None:
-    """Phase marks around what run_training calls, without touching studio.train: load, prepare, LoRA, steps."""
+    """Phase marks around what run_training calls, without touching studio.training.loop: load, prepare, LoRA, steps."""
     import peft
     import transformers
 
-    import studio.train as train
+    import studio.training.loop as train
 
     def around(fn, before: str, after: str | None = None):
         def wrapped(*args, **kwargs):
@@ -243,12 +243,12 @@ def child(name: str, tiny_dir: str, out: Path) -> None:
     cuda = torch.cuda.is_available()
     cfg = run_config(name, tiny_dir)
     if cuda:
-        from studio.config import merge_dicts, RunConfig  # noqa: I001
+        from studio.core.config import merge_dicts, RunConfig  # noqa: I001
 
         cfg = RunConfig.from_dict(merge_dicts(cfg.to_dict(), {"train": {"device": "cuda", "num_threads": None}}))
     probe = PhaseProbe(baseline)
-    from studio.allocator import loaded_allocator
-    from studio.train import run_training
+    from studio.core.allocator import loaded_allocator
+    from studio.training.loop import run_training
 
     _instrument(probe)
     started = time.perf_counter()
@@ -276,7 +276,7 @@ def make_tiny_model(out: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from studio.models import resolve_model
+    from studio.model.loading import resolve_model
 
     tok = AutoTokenizer.from_pretrained(resolve_model("bundled").path)
     config = LlamaConfig(
@@ -296,8 +296,8 @@ def make_tiny_model(out: Path) -> Path:
 
 
 def estimate(name: str, tiny_dir: str, device: str):
-    from studio.models import load_config, resolve_model
-    from studio.planner import plan_memory
+    from studio.model.loading import load_config, resolve_model
+    from studio.model.memory import plan_memory
 
     cfg = run_config(name, tiny_dir)
     model_config = load_config(resolve_model(cfg.model.source))
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
-    from studio.allocator import child_env, choose_allocator
+    from studio.core.allocator import child_env, choose_allocator
 
     allocator = choose_allocator()
     names = args.only or list(CONFIGS)

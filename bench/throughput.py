@@ -59,7 +59,7 @@ def run_studio(tmp: Path, run_config: dict) -> dict:
     """`studio train` on this config in a fresh STUDIO_HOME; what run.json and the store say about it."""
     import yaml
 
-    from studio.store import Store
+    from studio.core.store import Store
 
     home = Path(tempfile.mkdtemp(dir=tmp, prefix="studio-"))
     config = home / "bench.yaml"
@@ -88,8 +88,8 @@ def run_studio(tmp: Path, run_config: dict) -> dict:
 
 
 def run_baseline(tmp: Path, steps: int, preload: bool) -> dict:
-    from studio.allocator import child_env
-    from studio.models import resolve_model
+    from studio.core.allocator import child_env
+    from studio.model.loading import resolve_model
 
     home = Path(tempfile.mkdtemp(dir=tmp, prefix="baseline-"))
     out = home / "result.json"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from studio.config import RunConfig
+from studio.core.config import RunConfig
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {"datasets": ["studio-facts"], "cutoff_len": 64},

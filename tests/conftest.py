@@ -18,7 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def bundled_model_dir() -> Path:
-    from studio.models import ensure_bundled_model
+    from studio.model.loading import ensure_bundled_model
 
     return ensure_bundled_model()
 
@@ -35,7 +35,7 @@ def home(tmp_path, monkeypatch) -> Path:
     """A fresh, empty workspace for one test."""
     home = tmp_path / "studio-home"
     monkeypatch.setenv("STUDIO_HOME", str(home))
-    from studio.paths import ensure_home
+    from studio.core.workspace import ensure_home
 
     return ensure_home(home)
 
@@ -70,16 +70,16 @@ def tiny_model_dir(tmp_path_factory, bundled_model_dir) -> Path:
 
 @pytest.fixture
 def eval_child_pids(monkeypatch) -> list[int]:
-    """The pids of the evaluation child processes started during the test, in order."""
-    from studio import evaluate
+    """The pids of the child processes (the evaluation's, in these tests) started during the test, in order."""
+    from studio.core import procs
 
     pids: list[int] = []
-    spawn = evaluate._spawn
+    spawn = procs.spawn
 
     def record(*args, **kwargs):
         popen = spawn(*args, **kwargs)
         pids.append(popen.pid)
         return popen
 
-    monkeypatch.setattr(evaluate, "_spawn", record)
+    monkeypatch.setattr(procs, "spawn", record)
     return pids

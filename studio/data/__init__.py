@@ -1,7 +1,7 @@
 """The data layer: read, validate, clean, register and tokenize datasets. Never imports gradio."""
 
+from studio.data.audit import DoctorFinding, DoctorReport, FixResult, apply_fixes, diagnose
 from studio.data.clean import CleanOptions, CleanReport, clean_examples
-from studio.data.doctor import DoctorFinding, DoctorReport, FixResult, apply_fixes, diagnose
 from studio.data.errors import DataError, RowError, RowIssue
 from studio.data.formats import (
     FORMATS,

@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from studio.core.security import AccessError, ensure_allowed
 from studio.data.errors import DataError
-from studio.security import AccessError, ensure_allowed
 
 # extension -> the `datasets` packaged loader that reads it
 SUPPORTED_EXTENSIONS: dict[str, str] = {

@@ -17,13 +17,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from studio.core.workspace import bundled_datasets_dir, datasets_dir, studio_home
 from studio.data.clean import CleanOptions, CleanReport, clean_examples
 from studio.data.errors import DataError
 from studio.data.formats import ColumnMap, Example, check_format, detect_format, guess_column_map
 from studio.data.llamafactory import map_entry, read_dataset_info
 from studio.data.readers import SUPPORTED_EXTENSIONS, read_rows
 from studio.data.validate import ValidationReport, validate_rows
-from studio.paths import bundled_datasets_dir, datasets_dir, studio_home
 
 ENTRY_FILE = "entry.json"
 BUNDLED_INFO = "dataset_info.json"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from studio.paths import bundled_datasets_dir, ensure_home, models_cache_dir, studio_home
-from studio.security import ROOTS_ENV
+from studio.core.security import ROOTS_ENV
+from studio.core.workspace import bundled_datasets_dir, ensure_home, models_cache_dir, studio_home
 from studio.ui import chat, datasets, evaluate, export, runs, train
 from studio.ui.common import UIContext
 
@@ -76,7 +76,7 @@ def launch(
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     home = ensure_home(home or studio_home())
     if allowed_roots is not None:
-        # Read by the engine (studio.security.ensure_allowed) in this process and in the workers it starts.
+        # Read by the engine (studio.core.security.ensure_allowed) in this process and in the workers it starts.
         os.environ[ROOTS_ENV] = os.pathsep.join(str(p) for p in allowed_roots)
     app = build_app(home)
     app.queue(default_concurrency_limit=8).launch(

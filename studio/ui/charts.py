@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 
 import plotly.graph_objects as go
 
-from studio.store import Metric
+from studio.core.store import Metric
 
 EMA_WEIGHT = 0.6  # TensorBoard's default slider value: visible trend, still responsive on short runs
 _LAYOUT = {"height": 280, "margin": {"l": 50, "r": 20, "t": 40, "b": 40}, "template": "plotly_white"}

@@ -1,6 +1,6 @@
 """The Chat tab: a base model plus adapters from finished runs, streamed replies, compare with the base.
 
-The model runs in a studio.chatproc.ChatProcess, ONE per server (per workspace), created lazily:
+The model runs in a studio.services.chatproc.ChatProcess, ONE per server (per workspace), created lazily:
 memory is what chat is short of, so every browser shares one loaded model instead of loading one each;
 its lock queues concurrent requests (none is dropped), and every request names the adapter that answers,
 so two users on different adapters never switch each other's answers. Conversations stay per browser
@@ -16,11 +16,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from studio.chat import BASE, GenerationSettings
-from studio.chatproc import ChatError, ChatProcess
-from studio.config import QUANT_MODES
-from studio.models import BUNDLED, DTYPES
-from studio.store import RunNotFound, RunStatus, Store
+from studio.core.config import QUANT_MODES
+from studio.core.store import RunNotFound, RunStatus, Store
+from studio.model.loading import BUNDLED, DTYPES
+from studio.services.chat import BASE, GenerationSettings
+from studio.services.chatproc import ChatError, ChatProcess
 from studio.ui.common import UIContext, error_message
 
 History = list[dict]

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from studio.jobs import JobManager
-from studio.paths import studio_home
+from studio.core.workspace import studio_home
+from studio.runs.queue import JobManager
 
 
 @dataclass
@@ -43,7 +43,7 @@ SEVERITY_MARK = {"critical": "⛔", "warning": "⚠️", "info": "💡"}
 
 
 def coach_markdown(advice: list) -> str:
-    """The coach's findings (studio.coach.Advice) as a short list: what is wrong, with figures, and the fix."""
+    """The coach's findings (studio.training.coach.Advice) as a short list: what is wrong, with figures, and the fix."""
     if not advice:
         return "**Coach:** nothing to flag so far."
     lines = ["**Coach:**"]

@@ -37,7 +37,7 @@ from studio.data import (
     token_stats,
     validate_rows,
 )
-from studio.data.doctor import (
+from studio.data.audit import (
     DoctorReport,
     apply_fixes,
     diagnose,
@@ -47,7 +47,7 @@ from studio.data.doctor import (
     rows_to_remove,
 )
 from studio.data.formats import check_format
-from studio.models import ModelError
+from studio.model.loading import ModelError
 from studio.ui.common import UIContext, error_message
 
 FORMAT_CHOICES = ("auto", *FORMATS)
@@ -106,7 +106,7 @@ DOCTOR_SEED = 42  # the run config's default seed
 @functools.lru_cache(maxsize=1)
 def preview_tokenizer():
     """The bundled model's tokenizer: previews show what the default model would be trained on."""
-    from studio.models import load_tokenizer, resolve_model
+    from studio.model.loading import load_tokenizer, resolve_model
 
     return load_tokenizer(resolve_model("bundled"))
 

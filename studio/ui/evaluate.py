@@ -1,6 +1,6 @@
 """The Evaluate tab: a finished run scored with and without its adapter, side by side, with example answers.
 
-The evaluation runs in a child process (`python -m studio.evaluate RUN --json`, the CLI): the web server
+The evaluation runs in a child process (`python -m studio.cli eval RUN --json`, the CLI): the web server
 never holds a model, and closing the page mid-evaluation ends the child. Callbacks are module-level
 functions of a UIContext and plain values; `build` only wires them.
 """
@@ -13,7 +13,8 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from studio.evaluate import (
+from studio.core.store import RunNotFound, RunStatus
+from studio.reports.evaluate import (
     EVAL_TIMEOUT_S,
     VALIDATION,
     EvalError,
@@ -24,7 +25,6 @@ from studio.evaluate import (
     load_latest,
     summary_table,
 )
-from studio.store import RunNotFound, RunStatus
 from studio.ui.common import UIContext, error_message
 
 TABLE_COLUMNS = ["metric", "base", "adapter", "change"]

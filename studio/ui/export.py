@@ -15,8 +15,8 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from studio.allocator import child_env
-from studio.store import RunStatus
+from studio.core.allocator import child_env
+from studio.core.store import RunStatus
 from studio.ui.common import UIContext
 
 EXPORT_TIMEOUT_S = 1800

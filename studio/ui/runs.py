@@ -13,8 +13,8 @@ import gradio as gr
 import pandas as pd
 import yaml
 
-from studio.jobs import CONFIG_FILE, JobError
-from studio.store import Run, RunNotFound, iso
+from studio.core.store import Run, RunNotFound, iso
+from studio.runs.queue import CONFIG_FILE, JobError
 from studio.ui import charts
 from studio.ui.common import UIContext, coach_markdown, error_message
 from studio.ui.train import format_duration
@@ -212,7 +212,7 @@ def write_run_card(ctx: UIContext, run_id: str | None) -> tuple[str, str | None]
     """Write the run's Markdown card next to its adapter; (markdown shown in the page, file to download)."""
     if not run_id:
         return "Select a run first.", None
-    from studio.card import CardError, write_card
+    from studio.reports.card import CardError, write_card
 
     try:
         path = write_card(ctx.home, run_id)
@@ -224,7 +224,7 @@ def write_run_card(ctx: UIContext, run_id: str | None) -> tuple[str, str | None]
 def run_coach(ctx: UIContext, run_id: str | None) -> str:
     if not run_id:
         return ""
-    from studio.coach import advice_for_run
+    from studio.training.coach import advice_for_run
 
     try:
         run = ctx.jobs.store.get_run(run_id)

@@ -23,8 +23,7 @@ from typing import Any
 import gradio as gr
 from gradio.context import Context
 
-from studio.coach import advice_for_run
-from studio.config import (
+from studio.core.config import (
     BIAS_MODES,
     COMPUTE_TYPES,
     DEVICES,
@@ -39,9 +38,10 @@ from studio.config import (
     LoraSpec,
     RunConfig,
 )
-from studio.jobs import JobError
-from studio.store import Metric, Run, RunNotFound, RunStatus
-from studio.sweep import DEFAULT_SCAN_STEPS, SWEEPABLE
+from studio.core.store import Metric, Run, RunNotFound, RunStatus
+from studio.runs.queue import JobError
+from studio.runs.sweep import DEFAULT_SCAN_STEPS, SWEEPABLE
+from studio.training.coach import advice_for_run
 from studio.ui import charts
 from studio.ui.common import UIContext, coach_markdown, error_message
 
@@ -308,7 +308,7 @@ def target_group_of(targets: str | list[str]) -> str:
 def form_from_config(cfg: RunConfig, layers: Sequence[str] | None = None) -> list[Any]:
     """RunConfig -> widget values in FORM_KEYS order. `layers` (the model's linear layers) lets a named
     target group show as the ticked layers it stands for."""
-    from studio.models import expand_targets
+    from studio.model.loading import expand_targets
 
     flat = {}
     for key in CONFIG_FIELDS:
@@ -344,7 +344,7 @@ def _inspect(source: str, trust: bool, lora_json: str | None) -> dict:
 
 @functools.lru_cache(maxsize=32)
 def _inspect_cached(source: str, trust: bool, lora_json: str | None) -> dict:
-    from studio.models import inspect_model
+    from studio.model.loading import inspect_model
 
     lora = LoraSpec(**json.loads(lora_json)) if lora_json is not None else None
     return inspect_model(source, lora, trust_remote_code=trust)
@@ -357,7 +357,7 @@ def model_layers(source: str, trust_remote_code: bool = False) -> list[str]:
 
 def params_text(cfg: RunConfig) -> str:
     """Trainable-parameter count for the form's model and LoRA settings, from a weightless skeleton."""
-    from studio.models import ModelError
+    from studio.model.loading import ModelError
 
     try:
         lora_json = json.dumps(dataclasses.asdict(cfg.lora))
@@ -380,14 +380,14 @@ def params_from_form(*values: Any) -> str:
 
 def group_targets(group: str, layers: Sequence[str], current: Sequence[str]) -> list[str]:
     """The layers a picked group stands for; 'custom' keeps the user's ticks."""
-    from studio.models import expand_targets
+    from studio.model.loading import expand_targets
 
     return list(current or []) if group == CUSTOM else expand_targets(group, list(layers))
 
 
 def group_for_targets(targets: Sequence[str], layers: Sequence[str]) -> str:
     """A hand-picked set that equals a named group is that group (so the YAML stays portable)."""
-    from studio.models import expand_targets
+    from studio.model.loading import expand_targets
 
     for group in TARGET_GROUPS:
         expanded = expand_targets(group, list(layers))
@@ -409,8 +409,8 @@ def _model_for_plan(source: str, trust: bool) -> tuple:
 @functools.lru_cache(maxsize=8)
 def _model_for_plan_cached(source: str, trust: bool) -> tuple:
     """(HF config, planner shapes) per model source: the skeleton is built once, not on every keystroke."""
-    from studio.models import load_config, resolve_model
-    from studio.planner import model_shapes
+    from studio.model.loading import load_config, resolve_model
+    from studio.model.memory import model_shapes
 
     config = load_config(resolve_model(source), trust)
     return config, model_shapes(config)
@@ -419,9 +419,9 @@ def _model_for_plan_cached(source: str, trust: bool) -> tuple:
 def plan_text(cfg: RunConfig, available: int | None = None, device: str | None = None) -> str:
     """The memory estimate as markdown: breakdown, free memory, a warning and the fixes when it won't fit.
     `available` and `device` default to the machine's own."""
-    from studio.allocator import choose_allocator
-    from studio.models import ModelError
-    from studio.planner import (
+    from studio.core.allocator import choose_allocator
+    from studio.model.loading import ModelError
+    from studio.model.memory import (
         PlanError,
         allocator_caveat,
         device_free_memory,
@@ -516,7 +516,7 @@ def set_overrides(base: RunConfig, cfg: RunConfig) -> list[str]:
 
 def command_text(cfg: RunConfig, preset: str | None = None) -> str:
     """The headless equivalent of this form: a `studio train` line and the exact config YAML."""
-    from studio.presets import load_preset
+    from studio.core.presets import load_preset
 
     lines = ["# Run this form headless: save the YAML below as run.yaml, then", "studio train run.yaml", ""]
     if preset:
@@ -528,7 +528,7 @@ def command_text(cfg: RunConfig, preset: str | None = None) -> str:
             sets = [f"  --set {shlex.quote(s)}" for s in set_overrides(base, cfg)]
             lines += ["# or, from the preset:", " \\\n".join([f"studio train {shlex.quote(preset)}", *sets]), ""]
     if cfg.distribution.launched:
-        from studio.distributed import launch_text
+        from studio.training.launch import launch_text
 
         lines += [
             f"# {cfg.distribution.processes} processes: the worker starts them through accelerate, as",
@@ -554,14 +554,14 @@ def command_from_form(preset: str | None, *values: Any) -> str:
 
 
 def preset_choices(directory: Path | None = None) -> list[str]:
-    from studio.presets import preset_names
+    from studio.core.presets import preset_names
 
     return preset_names(directory)
 
 
 def apply_preset(name: str, datasets: Sequence[str], layers: Sequence[str], directory: Path | None = None) -> list:
     """A preset's form values; a preset without datasets keeps the datasets already chosen."""
-    from studio.presets import load_preset
+    from studio.core.presets import load_preset
 
     cfg = load_preset(name, directory)
     if not cfg.data.datasets:
@@ -570,7 +570,7 @@ def apply_preset(name: str, datasets: Sequence[str], layers: Sequence[str], dire
 
 
 def save_form_preset(name: str, values: Sequence[Any], directory: Path | None = None) -> str:
-    from studio.presets import save_preset
+    from studio.core.presets import save_preset
 
     name = (name or "").strip()
     try:
@@ -613,7 +613,7 @@ def start_sweep(
 ) -> tuple[str, str | None]:
     """Queue one short scan run per value (or per grid point of two parameters) from the form's config.
     The form's own length (epochs or max steps) is kept for the long run started later from the pick."""
-    from studio.sweep import SweepError, parse_params, sweep_notes
+    from studio.runs.sweep import SweepError, parse_params, sweep_notes
 
     try:
         cfg = config_from_form(values)
@@ -637,7 +637,7 @@ def start_preset_run(
     ctx: UIContext, preset: str, datasets: str | list[str] | None, max_steps: int | None, run_name: str | None
 ) -> tuple[str, str | None]:
     """For API callers: a preset, dataset names and a few fields are enough to start a run."""
-    from studio.presets import load_preset
+    from studio.core.presets import load_preset
 
     try:
         cfg = load_preset(preset or "quick-demo")
@@ -709,7 +709,7 @@ def format_duration(seconds: float | None) -> str:
 
 
 def _resume_step(run: Run) -> int:
-    from studio.train import checkpoint_step
+    from studio.training.loop import checkpoint_step
 
     try:
         return checkpoint_step(Path(run.resume_from)) if run.resume_from else 0
@@ -868,7 +868,7 @@ def device_choices(gpus: Sequence[int] | None = None) -> list[str]:
     """'auto', each GPU alone, then the first 2, 4, ... and all of them: the usual ways to pick GPUs (any
     other list can be typed)."""
     if gpus is None:
-        from studio.distributed import DistributedError, visible_gpus
+        from studio.training.launch import DistributedError, visible_gpus
 
         try:
             gpus = visible_gpus()
@@ -889,7 +889,7 @@ def _dataset_names(ctx: UIContext) -> list[str]:
 
 
 def _initial_config() -> tuple[RunConfig, str | None]:
-    from studio.presets import load_preset
+    from studio.core.presets import load_preset
 
     names = preset_choices()
     name = "quick-demo" if "quick-demo" in names else None
@@ -975,7 +975,7 @@ def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:
 
     # -- model, targets and parameter count --
     def refresh_model(source, trust, group, targets):
-        from studio.models import ModelError
+        from studio.model.loading import ModelError
 
         try:
             names = model_layers(source, trust)

@@ -64,8 +64,8 @@ class Server:
 def stop_workers(home: Path) -> None:
     """Runs the server started train in their own sessions: end them too. Queued runs are dropped first:
     a worker ended by SIGTERM aborts cleanly and would start the next queued run on its way out."""
-    from studio.paths import db_path
-    from studio.store import RunStatus, Store
+    from studio.core.store import RunStatus, Store
+    from studio.core.workspace import db_path
 
     if not db_path(home).exists():
         return

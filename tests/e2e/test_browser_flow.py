@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from bench.common import choose
-from studio.paths import db_path
-from studio.store import Store
+from studio.core.store import Store
+from studio.core.workspace import db_path
 from tests.e2e.conftest import ARTIFACTS, REPO, plot_points
 
 pytestmark = pytest.mark.e2e

@@ -11,9 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from studio.config import RunConfig
-from studio.jobs import JobManager, process_alive
-from studio.store import RunStatus
+from studio.core.config import RunConfig
+from studio.core.procs import process_alive
+from studio.core.store import RunStatus
+from studio.runs.queue import JobManager
 from tests.e2e.conftest import ARTIFACTS, Server, stop_workers, wait_plot_points
 from tests.e2e.test_reattach import long_tiny_run
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from studio.config import RunConfig
-from studio.jobs import JobManager
-from studio.store import RunStatus
+from studio.core.config import RunConfig
+from studio.core.store import RunStatus
+from studio.runs.queue import JobManager
 from tests.builders import small_run_config
 from tests.e2e.conftest import ARTIFACTS
 from tests.e2e.test_browser_flow import open_tab, shot, text_of, wait_text

@@ -9,8 +9,8 @@ import signal
 
 import pytest
 
-from studio.jobs import JobManager
-from studio.store import RunStatus
+from studio.core.store import RunStatus
+from studio.runs.queue import JobManager
 
 
 @pytest.fixture

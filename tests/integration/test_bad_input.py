@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from studio.cli import main
-from studio.config import ConfigError, RunConfig, merge_dicts
+from studio.cli.main import main
+from studio.core.config import ConfigError, RunConfig, merge_dicts
+from studio.core.workspace import db_path
 from studio.data import CleanOptions
-from studio.jobs import JobManager
-from studio.paths import db_path
+from studio.runs.queue import JobManager
 from studio.ui import datasets as D
 from studio.ui import train as T
 from studio.ui.common import UIContext

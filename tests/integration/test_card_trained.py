@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from studio.card import write_card
-from studio.jobs import JobManager
-from studio.store import RunStatus
+from studio.core.store import RunStatus
+from studio.reports.card import write_card
+from studio.runs.queue import JobManager
 from tests.builders import small_run_config
 
 pytestmark = pytest.mark.integration
@@ -95,7 +95,7 @@ def test_peft_still_loads_the_folder_and_the_adapter_acts(trained, tiny_model_di
 
 
 def test_exported_adapter_keeps_the_card(trained, tmp_path):
-    from studio.export import export_adapter
+    from studio.reports.export import export_adapter
 
     result = export_adapter(Path(trained["run"].adapter_dir), tmp_path / "out")
     names = {name for name, _ in result.files}

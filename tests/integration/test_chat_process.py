@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from studio.chat import BASE, GenerationSettings
-from studio.chatproc import ChatError, ChatProcess
+from studio.services.chat import BASE, GenerationSettings
+from studio.services.chatproc import ChatError, ChatProcess
 from tests.conftest import kill_tree
 
 pytestmark = pytest.mark.integration

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from studio.coach import DATA_FACTS_FILE, advice_for_run
-from studio.config import RunConfig
-from studio.store import RunStatus
-from studio.train import checkpoint_step, list_checkpoints
+from studio.core.config import RunConfig
+from studio.core.store import RunStatus
+from studio.training.coach import DATA_FACTS_FILE, advice_for_run
+from studio.training.loop import checkpoint_step, list_checkpoints
 from tests.builders import small_run_config
 
 pytestmark = pytest.mark.integration
@@ -59,7 +59,7 @@ def test_early_stopping_completes_the_run_with_the_best_adapter(jobs, home, tiny
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from studio.train import Collator, split_data
+    from studio.training.loop import Collator, split_data
 
     # At a constant lr of 0.9 the tiny model's eval loss plateaus within a few evaluations.
     cfg = small_config(

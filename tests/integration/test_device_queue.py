@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from studio.config import ConfigError
-from studio.store import RunStatus
+from studio.core.config import ConfigError
+from studio.core.store import RunStatus
 from tests.builders import small_run_config
 
 pytestmark = pytest.mark.integration

@@ -11,9 +11,9 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from studio.distributed import child_pids, lora_digest, read_rank_reports
-from studio.jobs import process_alive
-from studio.store import RunStatus
+from studio.core.procs import child_pids, process_alive
+from studio.core.store import RunStatus
+from studio.training.launch import lora_digest, read_rank_reports
 from tests.builders import small_run_config
 
 pytestmark = pytest.mark.integration
@@ -44,7 +44,7 @@ def two_process_config(name: str, **train):
 
 
 def test_two_cpu_processes_train_their_shards_into_one_adapter(jobs, tokenizer):
-    from studio.train import prepare_data
+    from studio.training.loop import prepare_data
 
     cfg = two_process_config("ddp")
     run = jobs.wait(jobs.submit(cfg).id, timeout=600)

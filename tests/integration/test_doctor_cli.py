@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-from studio.cli import main
-from studio.config import RunConfig
-from studio.paths import db_path
-from studio.store import Store
+from studio.cli.main import main
+from studio.core.config import RunConfig
+from studio.core.store import Store
+from studio.core.workspace import db_path
 
 ALPACA = '{"instruction": "Say hi", "output": "hi"}\n'
 

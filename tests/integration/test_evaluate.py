@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from studio import evaluate as E
-from studio.store import RunStatus, Store
+from studio.cli import evaluate as EC
+from studio.core.store import RunStatus, Store
+from studio.reports import evaluate as E
 from studio.ui.common import UIContext
 from tests.conftest import kill_tree
 
@@ -82,10 +83,10 @@ def test_a_registered_dataset_and_the_cli_text(trained, env_home, capsys):
     import argparse
 
     run = trained["run"]
-    parser = E.add_arguments(argparse.ArgumentParser(prog="studio eval"))
+    parser = EC.add_arguments(argparse.ArgumentParser(prog="studio eval"))
     args = parser.parse_args([run.id, "--dataset", "studio-chats", "--samples", "6", "--gen-samples", "2"])
     args.max_new_tokens = 16
-    assert E.run_cli(args) == 0
+    assert EC.run_cli(args) == 0
     out = capsys.readouterr()
     assert f"Run {run.id} on studio-chats: 6 samples for loss, 2 prompts" in out.out
     assert "perplexity" in out.out and "[2] prompt:" in out.out and "adapter:" in out.out

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from studio.config import QuantSpec, RunConfig
-from studio.jobs import JobManager
-from studio.models import bnb_config, load_model, resolve_model
-from studio.store import RunStatus
+from studio.core.config import QuantSpec, RunConfig
+from studio.core.store import RunStatus
+from studio.model.loading import bnb_config, load_model, resolve_model
+from studio.runs.queue import JobManager
 
 pytestmark = pytest.mark.integration
 
@@ -159,7 +159,7 @@ def test_tiny_runs_complete_and_train_every_layer(home, tiny_model_dir, quant, t
 
 @pytest.fixture(scope="module")
 def qlora_run(tmp_path_factory, bundled_model_dir):
-    from studio.presets import load_preset
+    from studio.core.presets import load_preset
 
     cfg = load_preset("quick-demo")
     cfg.name = "qlora-demo"
@@ -220,7 +220,7 @@ def test_qlora_adapter_reloads_on_4bit_and_full_precision_and_merges(qlora_run, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from studio.export import merge_adapter
+    from studio.reports.export import merge_adapter
 
     adapter = Path(qlora_run["run"].adapter_dir)
     ids = _prompt_ids(adapter)

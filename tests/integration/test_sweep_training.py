@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from studio.config import RunConfig
-from studio.store import RunStatus
-from studio.sweep import parse_param
+from studio.core.config import RunConfig
+from studio.core.store import RunStatus
+from studio.runs.sweep import parse_param
 from tests.builders import small_run_config
 
 pytestmark = pytest.mark.integration

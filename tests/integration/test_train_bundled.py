@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from studio.store import RunStatus, Store
+from studio.core.store import RunStatus, Store
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +60,7 @@ def test_loss_fell(trained):
 
 
 def test_adapter_changed_the_answer(trained):
-    from studio.chat import ChatSession
+    from studio.services.chat import ChatSession
 
     chat = ChatSession()
     chat.add_adapter("demo", trained["run"].adapter_dir)
@@ -79,8 +79,8 @@ def test_fresh_peft_reload_and_merged_model_match(trained, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from studio.export import merge_adapter
-    from studio.models import ensure_bundled_model
+    from studio.model.loading import ensure_bundled_model
+    from studio.reports.export import merge_adapter
 
     adapter = Path(trained["run"].adapter_dir)
     base_dir = ensure_bundled_model()
@@ -129,7 +129,7 @@ def test_cli_exports_merged_and_adapter(trained, tmp_path):
 
 def test_worker_runs_under_the_allocator_it_reports(trained):
     """The worker preloads tcmalloc when the machine has it (make installs it) and says which one it got."""
-    from studio.allocator import choose_allocator
+    from studio.core.allocator import choose_allocator
 
     messages = [e.message for e in trained["store"].events(trained["run"].id)]
     (said,) = [m for m in messages if m.startswith("Memory allocator:")]

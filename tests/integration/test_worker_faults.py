@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from studio.config import RunConfig
-from studio.jobs import JobManager, process_alive
-from studio.store import RunStatus
-from studio.train import checkpoint_step, latest_checkpoint
+from studio.core.config import RunConfig
+from studio.core.procs import process_alive
+from studio.core.store import RunStatus
+from studio.runs.queue import JobManager
+from studio.training.loop import checkpoint_step, latest_checkpoint
 from tests.builders import small_run_config
 
 pytestmark = pytest.mark.integration
@@ -115,7 +116,7 @@ def test_out_of_memory_fails_with_the_reason_and_what_to_change(jobs, tiny_model
 
 
 def test_unwritable_workspace_and_full_disk_are_refused_at_start(jobs, home, tiny_model_dir, monkeypatch):
-    from studio.jobs import JobError
+    from studio.runs.queue import JobError
 
     monkeypatch.setenv("STUDIO_MIN_FREE_MB", str(10**12))  # more room than any disk has
     with pytest.raises(JobError, match="MiB free on the disk"):
@@ -156,7 +157,7 @@ def test_a_store_locked_by_another_process_loses_no_metrics(jobs, home, tiny_mod
 
 
 def test_a_corrupt_checkpoint_is_named_and_the_previous_one_used(jobs, tiny_model_dir):
-    from studio.jobs import JobError
+    from studio.runs.queue import JobError
 
     run = jobs.submit(tiny_config(tiny_model_dir, max_steps=5000, save_steps=5, save_total_limit=3))
     wait_for(lambda: len(jobs.checkpoints(run.id)) >= 2)

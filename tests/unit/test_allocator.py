@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from studio.allocator import Allocator, child_env, choose_allocator, find_library, loaded_allocator
+from studio.core.allocator import Allocator, child_env, choose_allocator, find_library, loaded_allocator
 
 
 @pytest.fixture
@@ -68,7 +68,7 @@ def test_loaded_allocator_reads_the_memory_map(tmp_path):
 
 @pytest.mark.skipif(find_library("tcmalloc") is None, reason="libtcmalloc-minimal4 is not installed")
 def test_a_child_really_runs_under_the_preloaded_allocator():
-    code = "from studio.allocator import loaded_allocator; print(loaded_allocator())"
+    code = "from studio.core.allocator import loaded_allocator; print(loaded_allocator())"
     env = child_env({"PATH": "/usr/bin:/bin"}, choose_allocator("tcmalloc"))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "tcmalloc"

@@ -14,21 +14,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from studio.card import (
+from studio.cli.card import add_arguments, run_cli
+from studio.core.config import RunConfig
+from studio.core.store import Metric, Run, RunStatus, Store
+from studio.reports.card import (
     CardError,
-    add_arguments,
     base_model_info,
     card_charts,
     format_tick,
     nice_ticks,
     render_card,
     reproduce_command,
-    run_cli,
     svg_line_chart,
     write_card,
 )
-from studio.config import RunConfig
-from studio.store import Metric, Run, RunStatus, Store
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -526,7 +525,7 @@ def test_cli_writes_prints_and_fails_cleanly(home, capsys):
 
 
 def test_adapter_export_and_zip_carry_the_card(home, tmp_path):
-    from studio.export import export_adapter, zip_folder
+    from studio.reports.export import export_adapter, zip_folder
 
     run = seed_run(home)
     write_card(home, "r1")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from studio.cli import UsageError, _parse_set, load_run_config, main
+from studio.cli.common import UsageError, _parse_set, load_run_config
+from studio.cli.main import main
 
 
 def test_set_overrides_are_typed():
@@ -73,7 +74,7 @@ def test_console_script_help_runs():
 
 
 def test_a_preset_file_path_and_a_saved_run_config_both_load(tmp_path):
-    from studio.config import RunConfig
+    from studio.core.config import RunConfig
 
     by_path = load_run_config(str(Path(__file__).resolve().parents[2] / "presets" / "quick-demo.yaml"))
     assert by_path == load_run_config("quick-demo")

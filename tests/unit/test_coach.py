@@ -9,7 +9,9 @@ import random
 
 import pytest
 
-from studio.coach import (
+from studio.core.config import RunConfig
+from studio.core.store import Metric, RunStatus, Store
+from studio.training.coach import (
     DATA_FACTS_FILE,
     Advice,
     DataFacts,
@@ -33,8 +35,6 @@ from studio.coach import (
     read_data_facts,
     tiny_data_high_rank,
 )
-from studio.config import RunConfig
-from studio.store import Metric, RunStatus, Store
 
 EOS = 2
 
@@ -323,7 +323,7 @@ def test_early_stopping_needs_a_validation_split():
 
 
 def test_a_stopped_run_loses_the_checkpoints_of_its_diverged_state(tmp_path):
-    from studio.train import _divergence_message, list_checkpoints
+    from studio.training.loop import _divergence_message, list_checkpoints
 
     def checkpoint(step: int) -> None:
         path = tmp_path / "checkpoints" / f"checkpoint-{step}"
@@ -368,7 +368,7 @@ def replay(cfg: RunConfig, history: list[dict]):
 
     from transformers import TrainerControl
 
-    from studio.train import TokenCounter, _studio_callback
+    from studio.training.loop import TokenCounter, _studio_callback
 
     sink = ListSink()
     callback = _studio_callback(sink, lambda: False, TokenCounter(), "cpu", cfg)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from studio.config import BNB_OPTIMIZERS, OPTIMIZERS, RunConfig
-from studio.models import ModelError, detect_device
-from studio.train import TrainingError, _training_args, check_runtime, resolve_optimizer
+from studio.core.config import BNB_OPTIMIZERS, OPTIMIZERS, RunConfig
+from studio.model.loading import ModelError, detect_device
+from studio.training.loop import TrainingError, _training_args, check_runtime, resolve_optimizer
 
 NO_CUDA = not torch.cuda.is_available()
 NO_MPS = not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())

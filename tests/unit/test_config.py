@@ -1,6 +1,6 @@
 import pytest
 
-from studio.config import ConfigError, LoraSpec, RunConfig, merge_dicts
+from studio.core.config import ConfigError, LoraSpec, RunConfig, merge_dicts
 
 
 def good() -> RunConfig:

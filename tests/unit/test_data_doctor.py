@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from studio.config import RunConfig
+from studio.cli import audit as audit_cli
+from studio.core.config import RunConfig
 from studio.data import DataError, DatasetRegistry, Example, Message, Sample, build_sample
-from studio.data import doctor as dr
-from studio.train import split_data, split_indices
+from studio.data import audit as dr
+from studio.training.loop import split_data, split_indices
 
 EOS = "<|im_end|>"
 
@@ -407,40 +408,40 @@ def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="studio")
     datasets = parser.add_subparsers(dest="command").add_parser("datasets")
     doctor = datasets.add_subparsers(dest="action").add_parser("doctor")
-    dr.add_arguments(doctor)
+    audit_cli.add_arguments(doctor)
     return parser.parse_args(["datasets", "doctor", *argv])
 
 
 def test_cli_healthy_dataset_exits_0_with_json(home, capsys, bundled_model_dir):
-    assert dr.run_cli(parse("studio-facts", "--val-size", "0.1", "--json")) == 0
+    assert audit_cli.run_cli(parse("studio-facts", "--val-size", "0.1", "--json")) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["dataset"] == "studio-facts" and out["healthy"] is True and out["findings"] == []
     assert out["settings"] == {"cutoff_len": 512, "val_size": 0.1, "seed": 42, "tokenizer": str(bundled_model_dir)}
-    assert dr.run_cli(parse("studio-facts", "--model", "none", "--fix")) == 0
+    assert audit_cli.run_cli(parse("studio-facts", "--model", "none", "--fix")) == 0
     assert "nothing to fix: no finding has a safe fix, so no copy was made" in capsys.readouterr().out
     assert "studio-facts-clean" not in [e.name for e in DatasetRegistry(home).list()]
 
 
 def test_cli_findings_exit_1_and_fix_registers_a_copy(home, tmp_path, capsys):
     DatasetRegistry(home).add("messy", write_jsonl(tmp_path / "m.jsonl", messy_rows()))
-    assert dr.run_cli(parse("messy", "--model", "none")) == 1
+    assert audit_cli.run_cli(parse("messy", "--model", "none")) == 1
     out = capsys.readouterr().out
     assert "'messy': 20 rows; 3 warnings" in out
     assert "[warning] exact_duplicate rows 3, 7:" in out  # numbered from 1
     assert "[warning] conflicting_answers rows 10, 11:" in out and "fix: none (needs a human)" in out
 
-    assert dr.run_cli(parse("messy", "--model", "none", "--fix", "--as", "messy-fixed")) == 1
+    assert audit_cli.run_cli(parse("messy", "--model", "none", "--fix", "--as", "messy-fixed")) == 1
     assert "registered 'messy-fixed': 18 rows; removed 2 of 20 rows" in capsys.readouterr().out
     assert DatasetRegistry(home).get("messy-fixed").rows == 18
     with pytest.raises(DataError, match="already exists"):
-        dr.run_cli(parse("messy", "--model", "none", "--fix", "--as", "messy-fixed"))
+        audit_cli.run_cli(parse("messy", "--model", "none", "--fix", "--as", "messy-fixed"))
     with pytest.raises(DataError, match="no dataset named 'nope'"):
-        dr.run_cli(parse("nope", "--model", "none"))
+        audit_cli.run_cli(parse("nope", "--model", "none"))
 
 
 def test_cli_against_an_evaluation_dataset(home, capsys):
     args = parse("studio-chats", "--model", "none", "--against", "studio-facts", "--json")
-    assert dr.run_cli(args) == 1
+    assert audit_cli.run_cli(args) == 1
     out = json.loads(capsys.readouterr().out)
     assert [(f["kind"], f["rows"]) for f in out["findings"] if f["severity"] == "warning"] == [
         ("leakage", [0, 2, 4, 18])

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from studio.core.workspace import bundled_datasets_dir
 from studio.data import ColumnMap, DataError, DatasetRegistry, import_dataset_info, map_entry
-from studio.paths import bundled_datasets_dir
 
 OPENAI_TAGS = {
     "role_tag": "role",

@@ -12,13 +12,13 @@ import time
 
 import pytest
 
-from studio.config import RunConfig
-from studio.distributed import (
+from studio.core.config import RunConfig
+from studio.core.procs import child_pids
+from studio.training.launch import (
     DeviceRequest,
     DistributedError,
     RankInfo,
     RankReport,
-    child_pids,
     cpu_threads_per_process,
     device_request,
     launch_command,
@@ -56,7 +56,7 @@ def test_a_two_process_cpu_run_launches_ddp_running_the_worker_module(tmp_path):
     args = parsed(argv)
     assert args.num_processes == 2 and args.num_machines == 1 and args.machine_rank == 0
     assert args.multi_gpu and not args.use_fsdp and not args.use_deepspeed
-    assert args.module and args.training_script == "studio.worker"
+    assert args.module and args.training_script == "studio.runs.worker"
     assert args.training_script_args == [str(tmp_path / "run-1")]
     assert args.mixed_precision == "no"  # fp32
     assert args.num_cpu_threads_per_process == 1  # the builder's train.num_threads
@@ -95,7 +95,7 @@ def test_several_machines_name_the_main_address_and_this_machines_rank():
 def test_the_launch_text_is_what_a_person_types():
     text = launch_text(config(processes=2), "RUN_DIR")
     assert text.startswith("accelerate launch --num_processes 2 ")
-    assert text.endswith("-m studio.worker RUN_DIR")
+    assert text.endswith("-m studio.runs.worker RUN_DIR")
 
 
 def test_cpu_processes_share_the_cores():
@@ -247,7 +247,7 @@ def test_descendants_are_found(tmp_path):
 def test_a_process_that_dies_with_its_parent_is_gone_when_the_parent_is_killed(tmp_path):
     pid_file = tmp_path / "child.pid"
     child = (
-        "import os, time; from studio.distributed import die_with_parent; die_with_parent(); "
+        "import os, time; from studio.training.launch import die_with_parent; die_with_parent(); "
         f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
     )
     parent_code = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(120)"

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from studio import doctor
-from studio.config import RunConfig
+from studio.core.config import RunConfig
+from studio.core.store import RunStatus, Store
+from studio.core.workspace import db_path
 from studio.data import DatasetRegistry
-from studio.jobs import CONFIG_FILE, JobManager
-from studio.paths import db_path
-from studio.store import RunStatus, Store
+from studio.runs.queue import CONFIG_FILE, JobManager
+from studio.services import checkup as doctor
 
 ALPACA = '{"instruction": "Say hi", "output": "hi"}\n{"instruction": "Say yo", "output": "yo"}\n'
 

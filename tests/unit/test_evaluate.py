@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from studio import evaluate as E
+from studio.cli import evaluate as EC
+from studio.core.presets import load_preset
+from studio.core.procs import process_start_token
+from studio.core.store import RunStatus
 from studio.data import Example, Message, Sample
-from studio.jobs import process_start_token
-from studio.presets import load_preset
-from studio.store import RunStatus
+from studio.reports import evaluate as E
 from studio.ui.common import UIContext
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -171,7 +172,7 @@ def test_summary_table_rows_and_text():
     assert [r["metric"] for r in rows] == names
     assert rows[0] == {"metric": "loss", "base": 2.5, "adapter": 0.25, "change": -2.25}
     assert rows[3]["change"] == 50.0
-    text = E.format_report(make_report())
+    text = EC.format_report(make_report())
     assert "on validation split: 11 samples for loss, 8 prompts" in text
     assert "loss" in text and "-2.2500" in text and "adapter:   Ripple the otter." in text
 
@@ -241,20 +242,20 @@ def test_errors_say_how_to_fix(ctx):
 def test_cli_parser_and_an_error_exit(ctx, capsys):
     import argparse
 
-    parser = E.add_arguments(argparse.ArgumentParser(prog="studio eval"))
+    parser = EC.add_arguments(argparse.ArgumentParser(prog="studio eval"))
     args = parser.parse_args(["RUN", "--dataset", "studio-chats", "--samples", "5", "--gen-samples", "2", "--json"])
-    spec = E.spec_from_args(args)
+    spec = EC.spec_from_args(args)
     assert (spec.run_id, spec.dataset, spec.max_samples, spec.gen_samples, spec.max_new_tokens) == (
         "RUN", "studio-chats", 5, 2, 64,
     )  # fmt: skip
     assert args.json and not parser.parse_args(["RUN"]).json and parser.parse_args(["RUN"]).dataset is None
-    assert E.run_cli(parser.parse_args(["missing-run"]), ctx.home) == 2
+    assert EC.run_cli(parser.parse_args(["missing-run"]), ctx.home) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "error: No run 'missing-run'. List runs with `studio runs`."
-    assert E.run_cli(parser.parse_args(["missing-run", "--samples", "0"]), ctx.home) == 2
+    assert EC.run_cli(parser.parse_args(["missing-run", "--samples", "0"]), ctx.home) == 2
     assert "max_samples must be" in capsys.readouterr().err
     assert E.child_command(spec)[1:] == [
-        "-m", "studio.evaluate", "RUN", "--json", "--samples", "5", "--gen-samples", "2",
+        "-m", "studio.cli", "eval", "RUN", "--json", "--samples", "5", "--gen-samples", "2",
         "--max-new-tokens", "64", "--dataset", "studio-chats",
     ]  # fmt: skip
 
@@ -376,7 +377,7 @@ def test_tab_lists_runs_datasets_and_shows_the_latest_report(ctx):
 def test_tab_refuses_bad_input_at_once_without_a_process(ctx, monkeypatch):
     from studio.ui import evaluate as U
 
-    monkeypatch.setattr(E, "_spawn", lambda *a, **k: pytest.fail("no child process for bad input"))
+    monkeypatch.setattr(E.procs, "spawn", lambda *a, **k: pytest.fail("no child process for bad input"))
     no_val = finished_run(ctx, val_size=0.0)
     assert list(U.run_evaluation(ctx, None, E.VALIDATION, 32, 8, 64)) == [
         ("**Error:** Pick a completed run to evaluate.", None, None)

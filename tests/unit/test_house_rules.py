@@ -34,7 +34,7 @@ def test_the_engine_never_imports_gradio():
 
 
 def test_remote_code_is_off_unless_asked():
-    from studio.config import ModelSpec
+    from studio.core.config import ModelSpec
 
     assert ModelSpec().trust_remote_code is False
     for path in python_files():

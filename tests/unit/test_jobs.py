@@ -4,9 +4,10 @@ import sys
 
 import pytest
 
-from studio.config import ConfigError, RunConfig
-from studio.jobs import JobError, JobManager, check_workspace, make_run_id, process_alive, process_start_token
-from studio.store import RunStatus
+from studio.core.config import ConfigError, RunConfig
+from studio.core.procs import process_alive, process_start_token
+from studio.core.store import RunStatus
+from studio.runs.queue import JobError, JobManager, check_workspace, make_run_id
 
 
 def test_run_ids_are_unique_and_safe():

@@ -1,7 +1,7 @@
 import pytest
 
-from studio.config import LoraSpec
-from studio.models import (
+from studio.core.config import LoraSpec
+from studio.model.loading import (
     BUNDLED,
     ModelError,
     build_skeleton,

@@ -10,8 +10,8 @@ batch 1, cutoff 1024, gradient checkpointing on:
 import pytest
 from transformers import LlamaConfig
 
-from studio.config import RunConfig
-from studio.planner import (
+from studio.core.config import RunConfig
+from studio.model.memory import (
     GB,
     PlanError,
     device_free_memory,
@@ -109,7 +109,7 @@ def test_tied_embeddings_count_once():
 
 
 def test_lora_params_match_the_skeleton_count(small):
-    from studio.models import build_skeleton, count_lora_parameters
+    from studio.model.loading import build_skeleton, count_lora_parameters
 
     cfg = with_(run(), "lora", r=8)
     # r*(in+out): q 8*128, k 8*96, v 8*96, o 8*128, gate/up/down 8*192 -> 8,192 per layer
@@ -255,8 +255,8 @@ def test_cpu_free_memory_reads_memavailable(tmp_path):
 
 
 def test_cli_plan_exit_codes(home, tiny_model_dir, tmp_path, capsys, monkeypatch):
-    from studio import planner
-    from studio.cli import main
+    from studio.cli.main import main
+    from studio.model import memory as planner
 
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"model:\n  source: {tiny_model_dir}\ndata:\n  cutoff_len: 128\ntrain:\n  batch_size: 4\n")
@@ -274,7 +274,7 @@ def test_cli_plan_exit_codes(home, tiny_model_dir, tmp_path, capsys, monkeypatch
 
 
 def test_allocator_caveat_only_for_cpu_under_glibc():
-    from studio.planner import allocator_caveat
+    from studio.model.memory import allocator_caveat
 
     assert allocator_caveat("cuda", "system") is None
     assert allocator_caveat("cpu", "tcmalloc") is None

@@ -1,7 +1,7 @@
 import pytest
 
-from studio.config import ConfigError, RunConfig
-from studio.presets import list_presets, load_preset, preset_names, save_preset
+from studio.core.config import ConfigError, RunConfig
+from studio.core.presets import list_presets, load_preset, preset_names, save_preset
 
 
 def test_required_presets_exist():
@@ -50,7 +50,7 @@ def test_save_then_load_gives_the_same_config(tmp_path):
 
 
 def test_user_presets_go_to_the_workspace_and_are_listed(home):
-    from studio.presets import user_presets_dir
+    from studio.core.presets import user_presets_dir
 
     cfg = RunConfig()
     cfg.lora.r = 8

@@ -1,6 +1,6 @@
 import pytest
 
-from studio.security import AccessError, ensure_allowed, is_local_host, load_auth, parse_auth, serve_policy
+from studio.core.security import AccessError, ensure_allowed, is_local_host, load_auth, parse_auth, serve_policy
 
 
 def test_auth_forms():
@@ -73,7 +73,7 @@ def test_export_folder_names_cannot_escape(home):
 
 
 def test_serve_binds_loopback_by_default(monkeypatch):
-    from studio.cli import build_parser
+    from studio.cli.main import build_parser
 
     monkeypatch.delenv("STUDIO_HOST", raising=False)
     args = build_parser().parse_args(["serve"])
@@ -92,7 +92,7 @@ def test_uploaded_file_names_cannot_place_files_outside_the_dataset_folder(home,
 
 
 def test_model_folders_outside_the_roots_are_refused_on_a_network_server(tmp_path, monkeypatch, tiny_model_dir):
-    from studio.models import ModelError, resolve_model
+    from studio.model.loading import ModelError, resolve_model
 
     monkeypatch.setenv("STUDIO_ALLOWED_ROOTS", str(tmp_path))
     with pytest.raises(ModelError, match="outside the folders this server may read"):

@@ -3,7 +3,7 @@ import threading
 
 import pytest
 
-from studio.store import TRANSITIONS, IllegalTransition, RunNotFound, RunStatus, Store
+from studio.core.store import TRANSITIONS, IllegalTransition, RunNotFound, RunStatus, Store
 
 
 @pytest.fixture
@@ -205,7 +205,7 @@ def test_a_failed_sweep_insert_leaves_neither_sweep_nor_runs(store):
 
 
 def test_long_run_comes_last_and_deleted_runs_leave_the_sweep(store):
-    from studio.store import SweepNotFound
+    from studio.core.store import SweepNotFound
 
     store.create_sweep("s1", "scan", {}, [], 50, [("a", "a", {}, "/a"), ("b", "b", {}, "/b")])
     store.create_run("long", "long", {}, "/long", sweep_id="s1")

@@ -9,16 +9,16 @@ import time
 
 import pytest
 
-from studio.config import ConfigError, RunConfig
-from studio.jobs import JobError, JobManager
-from studio.store import Metric, Run, RunStatus
-from studio.sweep import (
+from studio.cli.sweep import add_arguments
+from studio.core.config import ConfigError, RunConfig
+from studio.core.store import Metric, Run, RunStatus
+from studio.runs.queue import JobError, JobManager
+from studio.runs.sweep import (
     SWEEPABLE,
     Pick,
     SweepError,
     SweepParam,
     SweepRow,
-    add_arguments,
     expand,
     long_run_config,
     parse_param,
@@ -399,7 +399,7 @@ def test_sweep_error_is_a_config_error_for_existing_handlers():
 def test_cli_follows_each_scan_run_then_prints_the_table_and_pick(home, capsys, monkeypatch):
     """Without --detach the CLI tails the scan runs in turn (here a stand-in for `follow` finishes them
     as a worker would: one fails, which does not stop the scan), then shows the table and the pick."""
-    import studio.cli
+    import studio.cli.common
 
     monkeypatch.setenv("STUDIO_SLOTS", "0")
     followed = []
@@ -413,7 +413,7 @@ def test_cli_follows_each_scan_run_then_prints_the_table_and_pick(home, capsys, 
         complete(jobs, run_id, 1.5 - 0.1 * len(followed), 1000 * len(followed))
         return 0
 
-    monkeypatch.setattr(studio.cli, "follow", fake_follow)
+    monkeypatch.setattr(studio.cli.common, "follow", fake_follow)
     code = cli(["start", "quick-demo", "--param", "lora.r=4,8,16", "--set", "data.val_size=0.2", "--scan-steps", "9"])
     out = capsys.readouterr().out
     assert code == 0 and len(followed) == 3
@@ -424,7 +424,7 @@ def test_cli_follows_each_scan_run_then_prints_the_table_and_pick(home, capsys, 
 
 
 def test_cli_stops_following_when_a_scan_run_is_aborted(home, capsys, monkeypatch):
-    import studio.cli
+    import studio.cli.common
 
     monkeypatch.setenv("STUDIO_SLOTS", "0")
 
@@ -432,7 +432,7 @@ def test_cli_stops_following_when_a_scan_run_is_aborted(home, capsys, monkeypatc
         jobs.abort(run_id)
         return 1
 
-    monkeypatch.setattr(studio.cli, "follow", fake_follow)
+    monkeypatch.setattr(studio.cli.common, "follow", fake_follow)
     assert cli(["start", "quick-demo", "--param", "lora.r=4,8", "--scan-steps", "9"]) == 1
     out = capsys.readouterr().out
     assert "Stopped following" in out and "other runs stay queued" in out

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainingArguments
 
-from studio.train import HELD_OUT, Collator, TokenCounter, checkpointing_args, sampling_args
+from studio.training.loop import HELD_OUT, Collator, TokenCounter, checkpointing_args, sampling_args
 
 
 def test_collator_pads_and_counts_real_tokens_only():

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from studio.chat import BASE, GenerationSettings
-from studio.chatproc import ChatError
-from studio.paths import db_path
-from studio.store import RunStatus, Store
+from studio.core.store import RunStatus, Store
+from studio.core.workspace import db_path
+from studio.services.chat import BASE, GenerationSettings
+from studio.services.chatproc import ChatError
 from studio.ui import chat as ui
 
 

@@ -6,9 +6,10 @@ import os
 
 import pytest
 
-from studio.jobs import LOG_FILE, process_start_token
-from studio.presets import load_preset
-from studio.store import RunStatus
+from studio.core.presets import load_preset
+from studio.core.procs import process_start_token
+from studio.core.store import RunStatus
+from studio.runs.queue import LOG_FILE
 from studio.ui import runs as R
 from studio.ui import train as T
 from studio.ui.common import UIContext

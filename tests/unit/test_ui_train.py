@@ -7,12 +7,13 @@ import time
 
 import pytest
 
-from studio.cli import load_run_config
-from studio.config import RunConfig
-from studio.jobs import LOG_FILE, process_start_token
-from studio.models import inspect_model
-from studio.presets import list_presets, load_preset
-from studio.store import Metric, RunStatus
+from studio.cli.common import load_run_config
+from studio.core.config import RunConfig
+from studio.core.presets import list_presets, load_preset
+from studio.core.procs import process_start_token
+from studio.core.store import Metric, RunStatus
+from studio.model.loading import inspect_model
+from studio.runs.queue import LOG_FILE
 from studio.ui import charts
 from studio.ui import train as T
 from studio.ui.common import UIContext

@@ -8,12 +8,10 @@ the hub and in any Markdown viewer.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import shlex
-import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,8 +21,8 @@ from xml.sax.saxutils import escape as _escape
 
 import yaml
 
-from studio.store import Metric, Run, RunNotFound, Store, iso
-from studio.train import ADAPTER_DIR
+from studio.core.store import Metric, Run, RunNotFound, Store, iso
+from studio.training.loop import ADAPTER_DIR
 
 CARD_FILE = "README.md"
 CARD_DIR = "card"  # the card's images, beside README.md in the adapter folder
@@ -536,7 +534,7 @@ def reproduce_section(run: Run, command: str, config: dict, base: BaseModelInfo,
 def write_card(home: Path | None, run_id: str) -> Path:
     """Write the card of a run: beside its adapter (<adapter>/README.md, images in <adapter>/card/), or in
     RUN_DIR/card/ when no adapter exists. Returns the README path."""
-    from studio.paths import db_path, studio_home
+    from studio.core.workspace import db_path, studio_home
 
     home = Path(home) if home is not None else studio_home()
     if not db_path(home).is_file():
@@ -621,32 +619,6 @@ def _read_json(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return body if isinstance(body, dict) else None
-
-
-# -- CLI --------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", help="a run id (or its run folder)")
-    parser.add_argument("--print", dest="print_card", action="store_true", help="print the Markdown, not the path")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """`studio card RUN [--print]`: exit 0 written, 2 bad input (unknown run)."""
-    run_id = args.run
-    path = Path(run_id).expanduser()
-    if path.is_dir():  # a run folder (or its adapter folder) names its run
-        run_id = path.resolve().parent.name if path.name == ADAPTER_DIR else path.resolve().name
-    try:
-        readme = write_card(None, run_id)
-    except CardError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.print_card:
-        sys.stdout.write(readme.read_text(encoding="utf-8"))
-    else:
-        print(readme)
-    return 0
 
 
 # -- small formatting helpers -----------------------------------------------------------------------

@@ -13,9 +13,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from studio.card import CARD_DIR
-from studio.models import load_model, load_tokenizer, resolve_model
-from studio.train import ADAPTER_DIR
+from studio.model.loading import load_model, load_tokenizer, resolve_model
+from studio.reports.card import CARD_DIR
+from studio.training.loop import ADAPTER_DIR
 
 
 class ExportError(RuntimeError):
@@ -51,8 +51,8 @@ def find_adapter(run_or_path: str, home: Path | None = None) -> Path:
         if is_adapter_dir(path / ADAPTER_DIR):
             return (path / ADAPTER_DIR).resolve()
         raise ExportError(f"'{run_or_path}' holds no adapter (adapter_config.json + adapter_model.safetensors).")
-    from studio.paths import db_path, studio_home
-    from studio.store import RunNotFound, Store
+    from studio.core.store import RunNotFound, Store
+    from studio.core.workspace import db_path, studio_home
 
     store = Store(db_path(home or studio_home()))
     try:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from studio.config import ConfigError, RunConfig
+from studio.core.config import ConfigError, RunConfig
 
 GB = 1e9  # the published 7B figures (14-18 GB, 5-8 GB) are decimal gigabytes
 
@@ -35,7 +35,7 @@ OPT8_BLOCK = 256
 # imports, the Trainer, tokenizer, data, allocator slack), above the RSS right after `import torch,
 # transformers`. Measured by `python -m bench` as the "runtime-floor" config (a 2-layer, hidden-64 Llama
 # whose weights are a few MB): its measured peak minus the planner's own tensor items (mostly its logits)
-# was 313 MiB on a 2-core x86 CPU, torch 2.13, under tcmalloc as the worker runs (studio/allocator.py)
+# was 313 MiB on a 2-core x86 CPU, torch 2.13, under tcmalloc as the worker runs (studio/core/allocator.py)
 # (bench/results/memory-cpu.json, "implied_runtime_bytes").
 CPU_RUNTIME_BYTES = 310 * 2**20
 # CUDA context plus cuBLAS workspace, counted by nvidia-smi though not by max_memory_allocated:
@@ -159,14 +159,14 @@ def fmt_bytes(n: int | float) -> str:
 
 def model_shapes(model_config: Any) -> ModelShapes:
     """Shapes from a meta-device skeleton (accelerate.init_empty_weights): no weights are loaded."""
-    from studio.models import build_skeleton, output_layer_names
+    from studio.model.loading import build_skeleton, output_layer_names
 
     skeleton = build_skeleton(model_config)
     return shapes_from_skeleton(skeleton, model_config, output_layer_names(skeleton))
 
 
 def shapes_from_skeleton(skeleton: Any, cfg: Any, output_names: set[str]) -> ModelShapes:
-    from studio.models import _linear_modules
+    from studio.model.loading import _linear_modules
 
     linears, kept_ids = [], set()
     for name, module in _linear_modules(skeleton):
@@ -249,7 +249,7 @@ def plan_problems(shapes: ModelShapes, run: RunConfig, device: str) -> list[str]
 
 
 def _target_names(shapes: ModelShapes, run: RunConfig) -> list[str]:
-    from studio.models import expand_targets
+    from studio.model.loading import expand_targets
 
     return expand_targets(run.lora.target_modules, shapes.linear_names)
 
@@ -546,7 +546,7 @@ def plan_device(preference: str) -> str:
 
 def allocator_caveat(device: str, allocator: str) -> str | None:
     """The CPU estimates were measured under tcmalloc (what the worker preloads when installed). Under
-    glibc malloc the same runs peaked 8% (LoRA fp32) to 35% (with checkpointing) higher (studio/allocator.py)."""
+    glibc malloc the same runs peaked 8% (LoRA fp32) to 35% (with checkpointing) higher (studio/core/allocator.py)."""
     if device != "cpu" or allocator in ("tcmalloc", "jemalloc"):
         return None
     return (

@@ -10,62 +10,14 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
-import yaml
-
-from studio.config import ConfigError, RunConfig, merge_dicts
-
-
-class UsageError(Exception):
-    """Bad input from the user: exit 2."""
-
-
-def _fail(message: str, code: int = 2) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return code
-
-
-def _one_line(problems: list[str]) -> str:
-    return "; ".join(problems)
-
-
-def _parse_set(pairs: list[str]) -> dict:
-    """`--set train.max_steps=10` -> {"train": {"max_steps": 10}}; values parsed as YAML scalars."""
-    out: dict = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise UsageError(f"--set takes KEY=VALUE (e.g. train.max_steps=10), got '{pair}'")
-        key, raw = pair.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
-        node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return out
-
-
-def load_run_config(spec: str, overrides: list[str] | None = None) -> RunConfig:
-    """A config file or preset file (partial configs are merged over the defaults; a preset's
-    `description` is allowed), or a preset name, with --set overrides merged on top."""
-    from studio.presets import load_preset
-
-    config = load_preset(spec)
-    if overrides:
-        config = RunConfig.from_dict(merge_dicts(config.to_dict(), _parse_set(overrides)))
-    return config
-
-
-# -- train --------------------------------------------------------------------------------------
-def _bar(step: int, total: int, width: int = 30) -> str:
-    filled = int(width * step / total) if total else 0
-    return "[" + "#" * filled + "-" * (width - filled) + "]"
+from studio.cli.common import UsageError, _fail, _one_line, follow, load_run_config
+from studio.core.config import ConfigError
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from studio.jobs import JobManager
+    from studio.runs.queue import JobManager
 
     config = load_run_config(args.config, args.set)
     jobs = JobManager()
@@ -76,61 +28,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     return follow(jobs, run.id)
 
 
-def follow(jobs, run_id: str) -> int:
-    """Tail a run on the terminal until it ends; Ctrl-C aborts it (saving a checkpoint)."""
-    from studio.store import RunStatus
-
-    tty = sys.stdout.isatty()
-    last_event, last_step, aborting = 0, -1, False
-    try:
-        while True:
-            try:
-                jobs.reconcile()
-                run = jobs.store.get_run(run_id)
-                for ev in jobs.store.events(run_id, last_event):
-                    last_event = ev.id
-                    if tty:
-                        print("\r\033[K", end="")
-                    print(f"[{ev.level}] {ev.message}")
-                points = jobs.store.metrics(run_id, last_step)
-                losses = [m for m in points if m.loss is not None]
-                for m in points:
-                    last_step = max(last_step, m.step)
-                if losses or (tty and run.total_steps):
-                    loss = losses[-1].loss if losses else run.final_loss
-                    line = f"{_bar(run.step, run.total_steps)} step {run.step}/{run.total_steps}"
-                    if loss is not None:
-                        line += f"  loss {loss:.4f}"
-                    if losses and losses[-1].tokens_per_s:
-                        line += f"  {losses[-1].tokens_per_s:.0f} tok/s"
-                    print(("\r\033[K" + line) if tty else line, end="" if tty else "\n", flush=True)
-                if run.status.finished:
-                    break
-                time.sleep(0.5)
-            except KeyboardInterrupt:
-                if aborting:
-                    raise
-                aborting = True
-                print("\nAborting: the worker saves a checkpoint, then stops (Ctrl-C again to leave it running).")
-                jobs.abort(run_id)
-    except KeyboardInterrupt:
-        print(f"\nLeft run {run_id} to finish in the background.")
-        return 1
-    if tty:
-        print()
-    if run.status == RunStatus.COMPLETED:
-        loss = f", final loss {run.final_loss:.4f}" if run.final_loss is not None else ""
-        print(f"completed in {run.duration_s:.0f} s{loss}")
-        print(f"adapter: {run.adapter_dir}")
-        return 0
-    print(f"{run.status.value}: {run.error or ''}".rstrip(), file=sys.stderr)
-    return 1
-
-
 # -- runs ---------------------------------------------------------------------------------------
 def cmd_runs(args: argparse.Namespace) -> int:
-    from studio.jobs import JobManager
-    from studio.store import iso
+    from studio.core.store import iso
+    from studio.runs.queue import JobManager
 
     jobs = JobManager()
     runs = jobs.store.list_runs()
@@ -151,7 +52,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_run_show(args: argparse.Namespace) -> int:
-    from studio.jobs import JobManager
+    from studio.runs.queue import JobManager
 
     jobs = JobManager()
     run = jobs.store.get_run(args.run)
@@ -162,7 +63,7 @@ def cmd_run_show(args: argparse.Namespace) -> int:
 
 
 def cmd_abort(args: argparse.Namespace) -> int:
-    from studio.jobs import JobManager
+    from studio.runs.queue import JobManager
 
     run = JobManager().abort(args.run)
     print(f"run {run.id}: {run.status.value} (abort requested)")
@@ -170,7 +71,7 @@ def cmd_abort(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from studio.jobs import JobManager
+    from studio.runs.queue import JobManager
 
     jobs = JobManager()
     run = jobs.resume(args.run, args.checkpoint)
@@ -179,7 +80,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from studio.jobs import JobManager
+    from studio.runs.queue import JobManager
 
     JobManager().delete(args.run)
     print(f"deleted {args.run}")
@@ -189,7 +90,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 # -- datasets -----------------------------------------------------------------------------------
 def cmd_datasets(args: argparse.Namespace) -> int:
     if args.action == "doctor":
-        from studio.data.doctor import run_cli
+        from studio.cli.audit import run_cli
 
         return run_cli(args)
     from studio.data import DatasetRegistry
@@ -245,7 +146,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 # -- export -------------------------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace) -> int:
-    from studio.export import export_adapter, find_adapter, merge_adapter, zip_folder
+    from studio.reports.export import export_adapter, find_adapter, merge_adapter, zip_folder
 
     if not args.merge and not args.adapter:
         raise UsageError("say what to export: --merge OUT_DIR (merged model) or --adapter OUT_DIR")
@@ -263,9 +164,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 # -- plan ---------------------------------------------------------------------------------------
 def cmd_plan(args: argparse.Namespace) -> int:
     """Exit 0 when the run fits (or the free memory is unknown), 1 when it does not."""
-    from studio.allocator import choose_allocator
-    from studio.models import load_config, resolve_model
-    from studio.planner import (
+    from studio.core.allocator import choose_allocator
+    from studio.model.loading import load_config, resolve_model
+    from studio.model.memory import (
         allocator_caveat,
         device_free_memory,
         model_shapes,
@@ -289,7 +190,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 # -- misc ---------------------------------------------------------------------------------------
 def cmd_presets(args: argparse.Namespace) -> int:
-    from studio.presets import list_presets
+    from studio.core.presets import list_presets
 
     for p in list_presets():
         print(f"{p.name:22} {p.description}")
@@ -297,8 +198,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_model(args: argparse.Namespace) -> int:
-    from studio.config import LoraSpec
-    from studio.models import inspect_model
+    from studio.core.config import LoraSpec
+    from studio.model.loading import inspect_model
 
     lora = LoraSpec(r=args.r, target_modules=args.targets)
     info = inspect_model(args.source, lora)
@@ -309,13 +210,13 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from studio.doctor import run_doctor
+    from studio.services.checkup import run_doctor
 
     return run_doctor(do_repair=args.repair, as_json=args.json)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from studio.security import AccessError, load_auth, serve_policy
+    from studio.core.security import AccessError, load_auth, serve_policy
     from studio.ui.app import default_roots, launch
 
     try:
@@ -328,8 +229,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
-    from studio.paths import ensure_home
-    from studio.worker import join
+    from studio.core.workspace import ensure_home
+    from studio.runs.worker import join
 
     return join(load_run_config(args.config, args.set), ensure_home(), args.machine_rank)
 
@@ -412,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("name")
     d = dsub.add_parser("import", help="import a LLaMA-Factory data folder's dataset_info.json")
     d.add_argument("path")
-    from studio.data.doctor import add_arguments as add_doctor_arguments
+    from studio.cli.audit import add_arguments as add_doctor_arguments
 
     d = dsub.add_parser(
         "doctor",
@@ -444,8 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_doctor)
 
-    from studio import card, sweep
-    from studio import evaluate as evaluation
+    from studio.cli import card, sweep
+    from studio.cli import evaluate as evaluation
 
     s = sub.add_parser("eval", help="evaluate a finished run: loss, perplexity and answers, base vs adapter")
     evaluation.add_arguments(s)
@@ -469,11 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     args = build_parser().parse_args(argv)
+    from studio.core.store import IllegalTransition, RunNotFound
     from studio.data import DataError
-    from studio.export import ExportError
-    from studio.jobs import JobError
-    from studio.models import ModelError
-    from studio.store import IllegalTransition, RunNotFound
+    from studio.model.loading import ModelError
+    from studio.reports.export import ExportError
+    from studio.runs.queue import JobError
 
     try:
         return args.func(args)

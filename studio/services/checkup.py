@@ -15,8 +15,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from studio.paths import datasets_dir, db_path, ensure_home, runs_dir, studio_home
-from studio.store import Run, RunStatus, Store
+from studio.core.store import Run, RunStatus, Store
+from studio.core.workspace import datasets_dir, db_path, ensure_home, runs_dir, studio_home
 
 TRASH = "trash"
 TEMP_PREFIXES = (".tmp", ".export-", ".convert-", ".adding-", ".removing-", ".write-test-")
@@ -42,7 +42,7 @@ def _adapter_complete(path: Path) -> bool:
 
 
 def _adapter_path(run: Run) -> Path:
-    from studio.train import ADAPTER_DIR
+    from studio.training.loop import ADAPTER_DIR
 
     return Path(run.adapter_dir) if run.adapter_dir else Path(run.run_dir) / ADAPTER_DIR
 
@@ -60,7 +60,7 @@ def check_run_dirs(home: Path, store: Store) -> list[Finding]:
             found.append(
                 Finding("orphan-run-dir", d.name, f"{d} has no row in the run store.", "move it to trash/", True)
             )
-    from studio.jobs import process_alive
+    from studio.core.procs import process_alive
 
     for run in runs.values():
         if Path(run.run_dir).is_dir():
@@ -82,7 +82,7 @@ def check_run_dirs(home: Path, store: Store) -> list[Finding]:
 
 
 def check_stuck_running(home: Path, store: Store) -> list[Finding]:
-    from studio.jobs import process_alive
+    from studio.core.procs import process_alive
 
     return [
         Finding(
@@ -112,7 +112,7 @@ def check_completed_adapters(home: Path, store: Store) -> list[Finding]:
 
 
 def check_queued_configs(home: Path, store: Store) -> list[Finding]:
-    from studio.jobs import CONFIG_FILE
+    from studio.runs.queue import CONFIG_FILE
 
     return [
         Finding(
@@ -170,7 +170,7 @@ def check_datasets(home: Path, store: Store) -> list[Finding]:
 
 
 def _temp_roots(home: Path) -> list[Path]:
-    from studio.paths import models_cache_dir
+    from studio.core.workspace import models_cache_dir
 
     roots = [home, *(p for p in home.iterdir() if p.is_dir() and p.name != TRASH and not p.name.startswith("."))]
     cache = models_cache_dir(home)
@@ -245,7 +245,7 @@ def _do_repairone(home: Path, finding: Finding, store: Store, trash: Path) -> st
     if kind == "temp-leftover":
         return f"moved {subject} to {move_to_trash(home, Path(subject), trash)}"
     if kind == "missing-run-dir":
-        from studio.config import RunConfig
+        from studio.core.config import RunConfig
 
         run = store.get_run(subject)
         trash.mkdir(parents=True, exist_ok=True)
@@ -254,7 +254,7 @@ def _do_repairone(home: Path, finding: Finding, store: Store, trash: Path) -> st
         store.delete_run(run.id)
         return f"removed the row of {run.id} (record and config kept in {trash})"
     if kind == "stuck-running":
-        from studio.jobs import JobManager
+        from studio.runs.queue import JobManager
 
         JobManager(home).reconcile()
         return f"marked {subject} {store.get_run(subject).status.value}"
@@ -268,8 +268,8 @@ def _do_repairone(home: Path, finding: Finding, store: Store, trash: Path) -> st
         )
         return f"marked {subject} failed (adapter missing); resume it with `studio resume {subject}`"
     if kind == "queued-no-config":
-        from studio.config import RunConfig
-        from studio.jobs import CONFIG_FILE
+        from studio.core.config import RunConfig
+        from studio.runs.queue import CONFIG_FILE
 
         run = store.get_run(subject)
         RunConfig.from_dict(run.config).save(Path(run.run_dir) / CONFIG_FILE)

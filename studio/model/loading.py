@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from studio.paths import models_cache_dir
-from studio.security import AccessError, ensure_allowed
+from studio.core.security import AccessError, ensure_allowed
+from studio.core.workspace import models_cache_dir
 
 if TYPE_CHECKING:  # torch and transformers are slow to import; keep them out of module import time
     import torch
 
-    from studio.config import LoraSpec, QuantSpec
+    from studio.core.config import LoraSpec, QuantSpec
 
 BUNDLED = "bundled"
 BUNDLED_NAME = "SmolLM2-135M-Instruct"

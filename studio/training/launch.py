@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from studio.config import RunConfig, parse_gpu_ids
+from studio.core.config import RunConfig, parse_gpu_ids
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 GPUS_ENV = "STUDIO_GPUS"  # the GPU inventory the queue may hand out ("0,1", or "none"); default: all visible
@@ -84,7 +84,7 @@ def launch_command(
     config: RunConfig, run_dir: Path | str, gpu_ids: list[int] | None = None, python: str | None = None
 ) -> list[str]:
     """The argv (no shell) that starts every process of this machine for the run: `accelerate launch`
-    with the strategy's flags, running `studio.worker RUN_DIR` in each. gpu_ids: physical CUDA ids the
+    with the strategy's flags, running `studio.runs.worker RUN_DIR` in each. gpu_ids: physical CUDA ids the
     queue gave the run (None on CPU, or to leave the choice to CUDA_VISIBLE_DEVICES)."""
     d = config.distribution
     cmd = [
@@ -111,7 +111,7 @@ def launch_command(
     else:
         cmd += ["--num_cpu_threads_per_process", str(cpu_threads_per_process(config))]
     cmd += strategy_flags(config)
-    return [*cmd, "-m", "studio.worker", str(run_dir)]
+    return [*cmd, "-m", "studio.runs.worker", str(run_dir)]
 
 
 def typed_line(argv: list[str]) -> str:
@@ -181,28 +181,6 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         return
     if os.getppid() == 1:  # the parent died before the call
         os.kill(os.getpid(), sig)
-
-
-def child_pids(pid: int, recursive: bool = True) -> list[int]:
-    """The live children of pid (Linux /proc), with every further descendant when recursive."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        children.setdefault(int(fields[1]), []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(0), []):
-            out.append(child)
-            if recursive:
-                todo.append(child)
-    return out
 
 
 # -- what each process did ------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import zipfile
 from contextlib import contextmanager
@@ -23,20 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from studio.allocator import child_env
-from studio.config import ConfigError, RunConfig, parse_gpu_ids
-from studio.distributed import (
-    ASSIGNED_ENV,
-    DeviceRequest,
-    DistributedError,
-    device_request,
-    pick_devices,
-    request_problems,
-    visible_gpus,
-)
-from studio.paths import db_path, ensure_home, runs_dir, studio_home
-from studio.store import Run, RunNotFound, RunStatus, Store, Sweep
-from studio.sweep import (
+from studio.core import procs
+from studio.core.config import ConfigError, RunConfig, parse_gpu_ids
+from studio.core.procs import process_alive, process_start_token
+from studio.core.store import Run, RunNotFound, RunStatus, Store, Sweep
+from studio.core.workspace import db_path, ensure_home, runs_dir, studio_home
+from studio.runs.sweep import (
     Pick,
     SweepError,
     SweepParam,
@@ -50,7 +41,16 @@ from studio.sweep import (
     run_suffix,
     summarize,
 )
-from studio.train import checkpoint_step, list_checkpoints
+from studio.training.launch import (
+    ASSIGNED_ENV,
+    DeviceRequest,
+    DistributedError,
+    device_request,
+    pick_devices,
+    request_problems,
+    visible_gpus,
+)
+from studio.training.loop import checkpoint_step, list_checkpoints
 
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "log.txt"
@@ -68,39 +68,6 @@ SPAWNED_ENV = "STUDIO_WORKER_SPAWNED"  # set by the queue: the worker waits for 
 
 class JobError(RuntimeError):
     """A queue action that cannot be done; the message says why."""
-
-
-def process_start_token(pid: int) -> str | None:
-    """The kernel's start time of a process: a pid reused by another program gives another token."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2 :].split()
-    return fields[19] if len(fields) > 19 else None
-
-
-def process_alive(pid: int | None, token: str | None = None) -> bool:
-    if not pid:
-        return False
-    if os.path.exists("/proc"):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-        except OSError:
-            return False
-        state = stat[stat.rfind(")") + 2 :].split()[0]
-        if state in ("Z", "X"):  # exited, not yet reaped by its parent
-            return False
-        return token is None or process_start_token(pid) == token
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def checkpoint_problem(path: Path) -> str | None:
@@ -128,7 +95,7 @@ def checkpoint_problem(path: Path) -> str | None:
 def model_problems(config: RunConfig, known: list[str] | tuple[str, ...] = ()) -> list[str]:
     """What is wrong with the model and its LoRA targets, found from the model's config alone (no weights),
     so a bad path, an unreachable hub id or a missing layer is refused before a run exists."""
-    from studio.models import (
+    from studio.model.loading import (
         ModelError,
         build_skeleton,
         expand_targets,
@@ -428,23 +395,16 @@ class JobManager:
 
     def _spawn(self, run: Run, gpu_ids: tuple[int, ...] = ()) -> None:
         run_dir = Path(run.run_dir)
-        cmd = [sys.executable, "-m", "studio.worker", str(run_dir)]
-        env = child_env(dict(os.environ, STUDIO_HOME=str(self.home), PYTHONUNBUFFERED="1"))
+        cmd = procs.python_command("studio.runs.worker", str(run_dir))
+        env = procs.python_env(self.home)
         env[SPAWNED_ENV] = "1"
         devices = ",".join(str(i) for i in gpu_ids) if gpu_ids else "cpu"
         if gpu_ids:
             # One process sees only its GPU; a launched run passes the ids to accelerate (--gpu_ids).
             env[ASSIGNED_ENV] = devices
             env["CUDA_VISIBLE_DEVICES"] = devices
-        with open(run_dir / LOG_FILE, "ab") as log:
-            proc = subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,  # its own session: closing the UI does not stop it
-            )
+        with open(run_dir / LOG_FILE, "ab") as log:  # its own session: closing the UI does not stop it
+            proc = procs.spawn(cmd, env, stdout=log, stderr=subprocess.STDOUT, text=False)
         self._children[proc.pid] = proc
         self.store.transition(
             run.id, RunStatus.RUNNING, pid=proc.pid, pid_started=process_start_token(proc.pid), devices=devices

@@ -18,7 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from studio.coach import (
+from studio.core.config import BNB_OPTIMIZERS, SHARDING, RunConfig, device_problems
+from studio.model.loading import (
+    ResolvedModel,
+    detect_device,
+    expand_targets,
+    linear_layer_names,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+)
+from studio.training.coach import (
     Advice,
     DataFacts,
     curve_advice,
@@ -29,8 +39,7 @@ from studio.coach import (
     points_from_log_history,
     write_data_facts,
 )
-from studio.config import BNB_OPTIMIZERS, SHARDING, RunConfig, device_problems
-from studio.distributed import (
+from studio.training.launch import (
     RankInfo,
     RankReport,
     any_rank,
@@ -38,15 +47,6 @@ from studio.distributed import (
     rank_info,
     reduce_over_ranks,
     write_rank_report,
-)
-from studio.models import (
-    ResolvedModel,
-    detect_device,
-    expand_targets,
-    linear_layer_names,
-    load_model,
-    load_tokenizer,
-    resolve_model,
 )
 
 HELD_OUT = "held_out"  # marks eval rows for the collator

@@ -28,9 +28,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from studio.allocator import child_env
-from studio.chat import BASE, GenerationSettings, final_text
-from studio.paths import REPO_ROOT, studio_home
+from studio.core import procs
+from studio.core.procs import exit_description, rss_mb
+from studio.core.workspace import studio_home
+from studio.services.chat import BASE, GenerationSettings, final_text
 
 ROLES = ("system", "user", "assistant")
 LOG_NAME = "chat.log"
@@ -58,27 +59,6 @@ def check_settings(settings: GenerationSettings | None) -> GenerationSettings:
     if problems:
         raise ChatError(" ".join(problems))
     return settings
-
-
-def exit_description(code: int | None) -> str:
-    if code is not None and code < 0:
-        try:
-            return f"exit code {code}, killed by {signal.Signals(-code).name}"
-        except ValueError:
-            pass
-    return f"exit code {code}"
-
-
-def rss_mb(pid: int) -> float | None:
-    """Resident memory of a process, from /proc (None where there is no /proc or no such process)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
 
 
 # -- the parent's side ------------------------------------------------------------------------------
@@ -109,7 +89,7 @@ def _unload_all() -> None:
 
 @dataclass(eq=False)  # identity equality and hash: instances live in the WeakSet above
 class ChatProcess:
-    """The client: starts, talks to and ends a child process hosting a studio.chat.ChatSession."""
+    """The client: starts, talks to and ends a child process hosting a studio.services.chat.ChatSession."""
 
     home: Path = field(default_factory=studio_home)  # the child's STUDIO_HOME; its log goes to home/logs
     load_timeout_s: float = 900.0  # start() and add_adapter(): a big model from a slow disk
@@ -251,21 +231,11 @@ class ChatProcess:
 
     def _spawn(self, source: str, dtype: str, quant_mode: str) -> _Child:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = child_env(
-            dict(os.environ, STUDIO_HOME=str(self.home), PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-        )
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        env = procs.python_env(self.home, TOKENIZERS_PARALLELISM="false")
         with open(self.log_path, "ab") as log:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "studio.chatproc"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                env=env,
-                start_new_session=True,  # a Ctrl-C in the server's terminal does not reach it; we end it ourselves
-            )
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(target=_read_lines, args=(popen.stdout, lines), daemon=True).start()
+            cmd = procs.python_command("studio.services.chatproc")
+            popen = procs.spawn(cmd, env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=False)
+        lines = procs.read_lines(popen.stdout)
         child = _Child(popen, lines, source, dtype, quant_mode)
         with self._state_lock:
             self._child = child
@@ -286,20 +256,9 @@ class ChatProcess:
         """Close its stdin (it exits on its own when idle), then SIGTERM, then SIGKILL; always reap."""
         if child is None:
             return
-        popen = child.popen
         with contextlib.suppress(OSError):
-            popen.stdin.close()
-        for sig, wait_s in ((None, 2.0), (signal.SIGTERM, 3.0), (signal.SIGKILL, 10.0)):
-            if sig is not None and popen.poll() is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(popen.pid, sig)  # its own session: the group id is its pid
-            try:
-                popen.wait(timeout=wait_s)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        with contextlib.suppress(OSError):
-            popen.stdout.close()
+            child.popen.stdin.close()  # it exits on its own when idle and its input ends
+        procs.end(child.popen, ((None, 2.0), (signal.SIGTERM, 3.0), (signal.SIGKILL, 10.0)))
 
     def _require(self) -> _Child:
         child = self._child
@@ -360,16 +319,6 @@ class ChatProcess:
                 pass
 
 
-def _read_lines(stream, lines: queue.Queue) -> None:
-    try:
-        for raw in stream:
-            lines.put(raw.decode("utf-8", errors="replace"))
-    except (OSError, ValueError):  # closed under us by unload()
-        pass
-    finally:
-        lines.put(None)
-
-
 # -- the child's side -------------------------------------------------------------------------------
 
 
@@ -401,7 +350,7 @@ class _Server:
         return self.session
 
     def op_load(self, req: dict[str, Any]) -> dict[str, Any]:
-        from studio.chat import ChatSession
+        from studio.services.chat import ChatSession
 
         self.session = None
         session = ChatSession(req["source"], req.get("dtype", "fp32"), req.get("quant_mode", "none"))

@@ -1,10 +1,10 @@
-"""The process for one run: `python -m studio.worker RUN_DIR`.
+"""The process for one run: `python -m studio.runs.worker RUN_DIR`.
 
 Reads RUN_DIR/config.yaml, trains, and reports into the store. Its stdout/stderr go to RUN_DIR/log.txt
 (the spawner redirects them). SIGTERM asks for a checkpoint and a clean stop; an exception marks the
 run failed with the reason, a suggestion, and the last log lines. On exit it starts the next queued run.
 
-A run with more than one process: this worker starts `accelerate launch ... -m studio.worker RUN_DIR`
+A run with more than one process: this worker starts `accelerate launch ... -m studio.runs.worker RUN_DIR`
 (no shell) and waits; each launched process trains its shard (`rank_main`), the main one (rank 0) writes
 metrics, saves and reports; a stop request is passed to every process, and a process that fails marks the
 run failed for all.
@@ -31,20 +31,20 @@ import time
 import traceback
 from pathlib import Path
 
-from studio.allocator import choose_allocator, loaded_allocator
-from studio.config import ConfigError, RunConfig, parse_gpu_ids
-from studio.distributed import (
+from studio.core.allocator import choose_allocator, loaded_allocator
+from studio.core.config import ConfigError, RunConfig, parse_gpu_ids
+from studio.core.procs import child_pids, process_start_token
+from studio.core.store import IllegalTransition, RunStatus, Store
+from studio.core.workspace import db_path, studio_home
+from studio.runs.queue import CONFIG_FILE, SPAWNED_ENV, JobManager, missing_datasets
+from studio.training.launch import (
     ASSIGNED_ENV,
     RankInfo,
-    child_pids,
     die_with_parent,
     launch_command,
     rank_info,
     typed_line,
 )
-from studio.jobs import CONFIG_FILE, SPAWNED_ENV, JobManager, missing_datasets, process_start_token
-from studio.paths import db_path, studio_home
-from studio.store import IllegalTransition, RunStatus, Store
 
 LAUNCHED_ENV = "STUDIO_LAUNCHED"  # set on `accelerate launch`: its processes are ranks of a run
 JOIN_ENV = "STUDIO_JOIN"  # ranks on a machine that joined another's run: no store of the run here
@@ -92,8 +92,8 @@ class RankSink:
 def explain(err: BaseException) -> str:
     """The error in words a user can act on: what happened and what to change."""
     from studio.data import DataError
-    from studio.models import ModelError
-    from studio.train import TrainingError
+    from studio.model.loading import ModelError
+    from studio.training.loop import TrainingError
 
     text = str(err) or type(err).__name__
     if isinstance(err, (DataError, ModelError, TrainingError, ConfigError)):
@@ -151,7 +151,7 @@ def allocator_event(sink: StoreSink) -> None:
 def write_card_quietly(home: Path, run_id: str, sink: StoreSink) -> None:
     """The run card goes next to the adapter at once, so every export carries it. A card that cannot be
     written never fails a run that trained: it is said in the log and `studio card RUN` writes it later."""
-    from studio.card import write_card
+    from studio.reports.card import write_card
 
     try:
         path = write_card(home, run_id)
@@ -228,7 +228,7 @@ def _install_stop_handler(on_stop=None) -> threading.Event:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m studio.worker", description="Train one run (internal).")
+    parser = argparse.ArgumentParser(prog="python -m studio.runs.worker", description="Train one run (internal).")
     parser.add_argument("run_dir", type=Path)
     args = parser.parse_args(argv)
     run_dir = args.run_dir.resolve()
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         if config.distribution.launched:
             code = launch_and_wait(config, run_dir, store, run_id, sink, stop, launcher)
         else:
-            from studio.train import run_training
+            from studio.training.loop import run_training
 
             result = run_training(config, run_dir, sink, stop.is_set, resume_from=run.resume_from, home=home)
             record_result(store, home, run_id, result, sink)
@@ -315,8 +315,8 @@ def launch_and_wait(
     """Start every process of this machine through `accelerate launch` and wait for them. The processes
     report the run's outcome themselves; what is left here is the case where they all ended without a word
     (killed, out of memory, a machine lost)."""
-    from studio.models import detect_device, resolve_model
-    from studio.train import check_runtime
+    from studio.model.loading import detect_device, resolve_model
+    from studio.training.loop import check_runtime
 
     check_runtime(config, detect_device(config.train.device))  # refused here, before N processes start
     # The bundled model is converted once on first use: done here, so the processes do not race at it.
@@ -350,7 +350,7 @@ def launch_and_wait(
 def join(config: RunConfig, home: Path, machine_rank: int) -> int:
     """Take part from this machine in a run that machine 0 started: its share of the processes, launched
     the same way; they report to machine 0's processes, not to a store here. Blocks until they end."""
-    from studio.models import resolve_model
+    from studio.model.loading import resolve_model
 
     config.distribution.machine_rank = machine_rank
     problems = config.validate()
@@ -396,7 +396,7 @@ def rank_main(run_dir: Path, home: Path, rank: RankInfo) -> int:
     sink = StoreSink(store, run_id) if (store is not None and rank.main) else RankSink(rank.rank)
     print(f"=== rank {rank.rank} of {rank.world_size} started (pid {os.getpid()})", flush=True)
     try:
-        from studio.train import run_training
+        from studio.training.loop import run_training
 
         config = RunConfig.load(run_dir / CONFIG_FILE)
         result = run_training(config, run_dir, sink, stop.is_set, resume_from=resume_from, home=home)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from studio.config import ConfigError, RunConfig, merge_dicts
-from studio.paths import presets_dir, studio_home
+from studio.core.config import ConfigError, RunConfig, merge_dicts
+from studio.core.workspace import presets_dir, studio_home
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 

@@ -1,7 +1,7 @@
 """The training coach: reads a run's curves and data, says in plain words what is wrong and what to change.
 
 Every rule is a small pure function over metric points (anything with step, loss, eval_loss, grad_norm,
-learning_rate: `studio.store.Metric`, or `Point` here), the run's `DataFacts` and its `RunConfig`, and
+learning_rate: `studio.core.store.Metric`, or `Point` here), the run's `DataFacts` and its `RunConfig`, and
 returns an `Advice` or None. `advise` runs them all; `divergence_stop` is what the auto-stop uses;
 `early_stop_due` is the early-stopping test. Thresholds are named constants with the reason for each;
 the troubleshooting table in FIELD-NOTES.md is where the wording of the fixes comes from.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from studio.config import ConfigError, RunConfig
+from studio.core.config import ConfigError, RunConfig
 
 DATA_FACTS_FILE = "data_facts.json"
 SEVERITIES = ("critical", "warning", "info")  # most severe first
@@ -111,7 +111,7 @@ class DataFacts:
 
 @dataclass(frozen=True)
 class Point:
-    """One logged step, as the rules read it (studio.store.Metric has the same attributes)."""
+    """One logged step, as the rules read it (studio.core.store.Metric has the same attributes)."""
 
     step: int
     loss: float | None = None

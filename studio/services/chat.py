@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from studio.models import ResolvedModel, load_model, load_tokenizer, resolve_model
+from studio.model.loading import ResolvedModel, load_model, load_tokenizer, resolve_model
 
 BASE = "base"
 
@@ -70,7 +70,7 @@ class ChatSession:
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def load(self) -> None:
-        from studio.config import QuantSpec
+        from studio.core.config import QuantSpec
 
         self.resolved = resolve_model(self.source)
         # A 4-bit base unpacks its weights to the chosen compute type per matmul; 8-bit ignores it.

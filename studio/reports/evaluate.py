@@ -1,7 +1,7 @@
 """Evaluate a finished run: loss and perplexity with and without its adapter, and greedy answers to
 held-out prompts scored against the references (exact match, chrF, ROUGE-L), base and adapter side by side.
 
-Nothing here imports gradio. `studio eval RUN` (or `python -m studio.evaluate RUN`) is the headless face;
+Nothing here imports gradio. `studio eval RUN` (`python -m studio.cli eval RUN`) is the headless face;
 the web page runs that same command in a child process (`eval_process`), so the server never holds a model.
 
 Scales as the packages give them: exact_match is a share (0-1), chrf is sacrebleu's corpus chrF (0-100),
@@ -11,18 +11,14 @@ RUN_DIR/eval/<UTC timestamp>.json and RUN_DIR/eval/latest.json (schema: `EvalRep
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
 import math
 import os
 import queue
 import re
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -30,12 +26,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from studio.config import ConfigError, RunConfig
+from studio.core import procs
+from studio.core.config import ConfigError, RunConfig
+from studio.core.store import Run, RunNotFound, RunStatus, Store
+from studio.core.workspace import db_path, studio_home
 from studio.data import DataError, Example, Sample
 from studio.data.tokenize import CHATML_TEMPLATE, IGNORE_INDEX, build_sample
-from studio.models import ModelError
-from studio.paths import REPO_ROOT, db_path, studio_home
-from studio.store import Run, RunNotFound, RunStatus, Store
 
 VALIDATION = "validation split"  # the report's `dataset` when the run's own held-out rows were scored
 EVAL_DIR = "eval"
@@ -434,7 +430,7 @@ def select_data(target: Target, spec: EvalSpec, tokenizer, home: Path | None = N
     """The samples scored for loss and the prompts answered, tokenized exactly as the run tokenized."""
     config = target.config
     if target.dataset == VALIDATION:
-        from studio.train import TrainingError, split_data
+        from studio.training.loop import TrainingError, split_data
 
         try:
             split = split_data(config, tokenizer, home)
@@ -480,8 +476,8 @@ def eval_device(config: RunConfig) -> tuple[str, str]:
 
 
 def load_tokenizer_for(target: Target):
-    from studio.export import adapter_base_source
-    from studio.models import load_tokenizer, resolve_model
+    from studio.model.loading import load_tokenizer, resolve_model
+    from studio.reports.export import adapter_base_source
 
     source, trust = adapter_base_source(target.adapter_dir)
     return load_tokenizer(resolve_model(source), trust)
@@ -491,8 +487,8 @@ def load_model_for(target: Target):
     """(base with the adapter, device). The same object answers as the base under `disable_adapter()`."""
     from peft import PeftModel
 
-    from studio.export import adapter_base_source
-    from studio.models import load_model, resolve_model
+    from studio.model.loading import load_model, resolve_model
+    from studio.reports.export import adapter_base_source
 
     source, trust = adapter_base_source(target.adapter_dir)
     device, dtype = eval_device(target.config)
@@ -661,105 +657,12 @@ def evaluate_run(spec: EvalSpec, home: Path | None = None, progress: Callable[[s
 def _refresh_card(home: Path | None, run_id: str, say: Callable[[str], None]) -> None:
     """The run card next to the adapter gains its Evaluation section; a card that cannot be written
     never fails an evaluation that succeeded."""
-    from studio.card import write_card
+    from studio.reports.card import write_card
 
     try:
         say(f"Run card updated: {write_card(home, run_id)}")
     except Exception as err:  # noqa: BLE001 - the report is saved; the card is a convenience
         say(f"Run card not updated ({err}); `studio card {run_id}` writes it.")
-
-
-# -- text output --------------------------------------------------------------------------------
-
-
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The summary rows as aligned plain text."""
-    head = ["metric", "base", "adapter", "change"]
-    cells = [[str(r["metric"]), f"{r['base']:.4f}", f"{r['adapter']:.4f}", f"{r['change']:+.4f}"] for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
-    lines = [head, *cells]
-    return "\n".join(
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True)))
-        for line in lines
-    )
-
-
-def _short(text: str, limit: int = 300) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def format_report(report: EvalReport, examples: int = 3) -> str:
-    g = report.generation
-    lines = [
-        f"Run {report.run_id} on {report.dataset}: {report.samples} samples for loss, {g.prompts} prompts "
-        f"(greedy, up to {g.max_new_tokens} new tokens)",
-        "",
-        format_table(summary_table(report)),
-    ]
-    for i, ex in enumerate(report.examples[:examples], 1):
-        lines += [
-            "",
-            f"[{i}] prompt:    {_short(ex.prompt)}",
-            f"    reference: {_short(ex.reference)}",
-            f"    base:      {_short(ex.base)}",
-            f"    adapter:   {_short(ex.adapter)}",
-        ]
-    return "\n".join(lines)
-
-
-# -- command line -------------------------------------------------------------------------------
-
-
-def _default(name: str) -> Any:
-    return EvalSpec.__dataclass_fields__[name].default
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """`studio eval RUN [--dataset NAME] [--samples N] [--gen-samples N] [--max-new-tokens N] [--json]`."""
-    parser.add_argument("run", help="a completed run's id (studio runs lists them)")
-    parser.add_argument("--dataset", help="a registered dataset to evaluate on (default: the run's validation split)")
-    parser.add_argument("--samples", type=int, default=_default("max_samples"), help="samples scored for loss")
-    parser.add_argument(
-        "--gen-samples", type=int, default=_default("gen_samples"), help="prompts answered by base and adapter"
-    )
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=_default("max_new_tokens"), help="longest generated answer"
-    )
-    parser.add_argument("--json", action="store_true", help="print the report as JSON (progress goes to stderr)")
-    return parser
-
-
-def spec_from_args(args: argparse.Namespace) -> EvalSpec:
-    return EvalSpec(args.run, args.dataset, args.samples, args.gen_samples, args.max_new_tokens)
-
-
-def run_cli(args: argparse.Namespace, home: Path | None = None) -> int:
-    """Exit 0 with the report printed; 2 with one `error:` line on stderr when the input cannot be used."""
-
-    def say(message: str) -> None:
-        print(PROGRESS_PREFIX + message, file=sys.stderr, flush=True)
-
-    try:
-        report = evaluate_run(spec_from_args(args), home, progress=say)
-    except ConfigError as err:
-        print(f"error: {'; '.join(err.problems)}", file=sys.stderr)
-        return 2
-    except (EvalError, DataError, ModelError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
-    else:
-        print(format_report(report))
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m studio.evaluate", description="Evaluate a finished run: base vs adapter, side by side."
-    )
-    return add_arguments(parser)
 
 
 # -- in a child process (the web page's way) -----------------------------------------------------
@@ -776,35 +679,12 @@ class ChildEval:
 
 
 def child_command(spec: EvalSpec) -> list[str]:
-    cmd = [sys.executable, "-m", "studio.evaluate", spec.run_id, "--json"]
+    cmd = [sys.executable, "-m", "studio.cli", "eval", spec.run_id, "--json"]
     cmd += ["--samples", str(spec.max_samples), "--gen-samples", str(spec.gen_samples)]
     cmd += ["--max-new-tokens", str(spec.max_new_tokens)]
     if spec.dataset is not None:
         cmd += ["--dataset", spec.dataset]
     return cmd
-
-
-def _pump(stream, lines: queue.Queue) -> None:
-    try:
-        for line in stream:
-            lines.put(line.rstrip("\n"))
-    except (OSError, ValueError):  # closed under us
-        pass
-    finally:
-        lines.put(None)
-
-
-def _end(popen: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL, to the child's own process group; always reaped."""
-    for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
-        if popen.poll() is not None:
-            break
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(popen.pid, sig)  # its own session: the group id is its pid
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            popen.wait(timeout=wait_s)
-    with contextlib.suppress(OSError):
-        popen.stderr.close()
 
 
 def child_outcome(pid: int, code: int, stdout: str, stderr_tail: Sequence[str]) -> ChildEval:
@@ -817,47 +697,29 @@ def child_outcome(pid: int, code: int, stdout: str, stderr_tail: Sequence[str]) 
     said = [line.removeprefix("error: ") for line in stderr_tail if line.startswith("error: ")]
     if said:
         return ChildEval(pid, code, None, said[-1])
-    from studio.chatproc import exit_description
 
     last = next((line for line in reversed(stderr_tail) if line.strip()), "no message")
-    return ChildEval(pid, code, None, f"The evaluation process ended with {exit_description(code)}: {last}")
-
-
-def _spawn(cmd: list[str], env: dict[str, str], out) -> subprocess.Popen:
-    return subprocess.Popen(
-        cmd,
-        stdin=subprocess.DEVNULL,
-        stdout=out,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,  # a Ctrl-C in the server's terminal does not reach it; we end it ourselves
-    )
+    return ChildEval(pid, code, None, f"The evaluation process ended with {procs.exit_description(code)}: {last}")
 
 
 def eval_process(
     spec: EvalSpec, home: Path | None = None, timeout_s: float = EVAL_TIMEOUT_S
 ) -> Iterator[str | ChildEval]:
-    """Run the evaluation as `python -m studio.evaluate ... --json` in a child process: yields its
+    """Run the evaluation as `python -m studio.cli eval ... --json` in a child process: yields its
     progress messages, then one ChildEval. The child is ended and reaped however this stops: done,
     past the time limit, or closed early by the caller (a page closed mid-evaluation)."""
-    home = Path(home or studio_home())
-    from studio.allocator import child_env
-
-    env = child_env(dict(os.environ, STUDIO_HOME=str(home), PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false"))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env = procs.python_env(home or studio_home(), TOKENIZERS_PARALLELISM="false")
     # stdout to a file, not a pipe: a long report would fill a pipe nobody reads while stderr is followed.
     with tempfile.TemporaryFile("w+", encoding="utf-8") as out:
-        popen = _spawn(child_command(spec), env, out)
+        popen = procs.spawn(child_command(spec), env, stdout=out, stderr=subprocess.PIPE)
         try:
-            lines: queue.Queue = queue.Queue()
-            threading.Thread(target=_pump, args=(popen.stderr, lines), daemon=True).start()
+            lines = procs.read_lines(popen.stderr)
             tail: deque[str] = deque(maxlen=50)
             deadline = time.monotonic() + timeout_s
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    _end(popen)
+                    procs.end(popen)
                     minutes = f"{timeout_s / 60:.0f} minutes" if timeout_s >= 120 else f"{timeout_s:g} s"
                     message = f"The evaluation took longer than {minutes} and was stopped. Evaluate fewer samples."
                     yield ChildEval(popen.pid, None, None, message)
@@ -874,13 +736,13 @@ def eval_process(
             try:
                 code = popen.wait(timeout=max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                _end(popen)
+                procs.end(popen)
                 yield ChildEval(popen.pid, None, None, "The evaluation process closed its output but did not exit.")
                 return
             out.seek(0)
             yield child_outcome(popen.pid, code, out.read(), list(tail))
         finally:
-            _end(popen)
+            procs.end(popen)
 
 
 def evaluate_in_child(spec: EvalSpec, home: Path | None = None, timeout_s: float = EVAL_TIMEOUT_S) -> ChildEval:
@@ -891,8 +753,3 @@ def evaluate_in_child(spec: EvalSpec, home: Path | None = None, timeout_s: float
             outcome = item
     assert outcome is not None  # eval_process always ends with one
     return outcome
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    sys.exit(run_cli(build_parser().parse_args()))

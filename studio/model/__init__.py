@@ -1,0 +1,1 @@
+"""Models: loading (bundled, folder, hub; quantized), target modules, the memory plan."""

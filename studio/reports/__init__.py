@@ -1,0 +1,1 @@
+"""What a finished run yields: evaluation, run card, export."""

@@ -1,0 +1,1 @@
+"""Runs as jobs: the pre-submit check, the queue, sweeps, the worker process."""

@@ -1,0 +1,1 @@
+"""Long-lived helpers in child processes: chat, the workspace check."""

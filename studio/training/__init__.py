@@ -1,0 +1,1 @@
+"""The training run: loop, callbacks, stages, coach, multi-process launch."""
