@@ -315,6 +315,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from studio.models import bundled_model_ready
     from studio.security import AccessError, load_auth, serve_policy
     from studio.ui.app import default_roots, launch
 
@@ -324,6 +325,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     except AccessError as err:
         raise UsageError(str(err)) from err
+    if not bundled_model_ready():
+        print(
+            "Preparing the bundled model in the background (first start, about a minute); the page works meanwhile.",
+            flush=True,
+        )
     return launch(host=policy.host, port=args.port, auth=policy.auth, allowed_roots=policy.allowed_roots)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from studio.models import prepare_bundled_model
 from studio.paths import bundled_datasets_dir, ensure_home, models_cache_dir, studio_home
 from studio.security import ROOTS_ENV
 from studio.ui import chat, datasets, evaluate, export, runs, train
@@ -78,6 +79,9 @@ def launch(
     if allowed_roots is not None:
         # Read by the engine (studio.security.ensure_allowed) in this process and in the workers it starts.
         os.environ[ROOTS_ENV] = os.pathsep.join(str(p) for p in allowed_roots)
+    # A new workspace has no converted bundled model yet: convert it in the background now, so the first
+    # visit finds it ready or nearly so, and no handler waits for it (the Train tab shows a note meanwhile).
+    prepare_bundled_model()
     app = build_app(home)
     app.queue(default_concurrency_limit=8).launch(
         server_name=host,
