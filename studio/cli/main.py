@@ -217,6 +217,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from studio.core.security import AccessError, load_auth, serve_policy
+    from studio.model.loading import bundled_model_ready
     from studio.ui.app import default_roots, launch
 
     try:
@@ -225,6 +226,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     except AccessError as err:
         raise UsageError(str(err)) from err
+    if not bundled_model_ready():
+        print(
+            "Preparing the bundled model in the background (first start, about a minute); the page works meanwhile.",
+            flush=True,
+        )
     return launch(host=policy.host, port=args.port, auth=policy.auth, allowed_roots=policy.allowed_roots)
 
 

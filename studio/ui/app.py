@@ -15,6 +15,7 @@ import gradio as gr
 
 from studio.core.security import ROOTS_ENV
 from studio.core.workspace import bundled_datasets_dir, ensure_home, models_cache_dir, studio_home
+from studio.model.loading import prepare_bundled_model
 from studio.ui import chat, datasets, evaluate, export, runs, train
 from studio.ui.common import UIContext
 
@@ -78,6 +79,9 @@ def launch(
     if allowed_roots is not None:
         # Read by the engine (studio.core.security.ensure_allowed) in this process and in the workers it starts.
         os.environ[ROOTS_ENV] = os.pathsep.join(str(p) for p in allowed_roots)
+    # A new workspace has no converted bundled model yet: convert it in the background now, so the first
+    # visit finds it ready or nearly so, and no handler waits for it (the Train tab shows a note meanwhile).
+    prepare_bundled_model()
     app = build_app(home)
     app.queue(default_concurrency_limit=8).launch(
         server_name=host,

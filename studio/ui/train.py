@@ -336,6 +336,28 @@ def form_value(values: Sequence[Any], key: str) -> Any:
 
 _INSPECT_LOCK = threading.Lock()  # gradio runs events in threads; transformers' lazy imports are not thread-safe
 
+PREPARING_NOTE = (
+    "⏳ **Preparing the bundled model (first start, about a minute)…** Everything on this page can be filled "
+    "in and started meanwhile; target modules show the bundled model's layers, and the parameter count and "
+    "memory estimate follow once it is ready."
+)
+
+
+def bundled_note(source: str | None) -> str | None:
+    """None when the form's model can be read now; else what to show instead: the bundled model is still
+    being converted (in the background, started by the server or here) or its preparation failed.
+    Never waits for the conversion, so no handler of the tab does."""
+    from studio.model.loading import is_bundled_source, prepare_bundled_model
+
+    if not is_bundled_source(source):
+        return None
+    state = prepare_bundled_model()
+    if state.ready:
+        return None
+    if state.state == "failed":
+        return f"**Model:** the bundled model is not available: {state.error}"
+    return PREPARING_NOTE
+
 
 def _inspect(source: str, trust: bool, lora_json: str | None) -> dict:
     with _INSPECT_LOCK:
@@ -351,7 +373,12 @@ def _inspect_cached(source: str, trust: bool, lora_json: str | None) -> dict:
 
 
 def model_layers(source: str, trust_remote_code: bool = False) -> list[str]:
-    """The model's linear layer names (target-module choices); raises ModelError when it cannot be read."""
+    """The model's linear layer names (target-module choices); raises ModelError when it cannot be read.
+    While the bundled model is being prepared, its known layers, at once."""
+    from studio.model.loading import BUNDLED_LINEAR_LAYERS
+
+    if bundled_note(source) is not None:
+        return list(BUNDLED_LINEAR_LAYERS)
     return list(_inspect(source or "bundled", bool(trust_remote_code), None)["linear_layers"])
 
 
@@ -359,6 +386,9 @@ def params_text(cfg: RunConfig) -> str:
     """Trainable-parameter count for the form's model and LoRA settings, from a weightless skeleton."""
     from studio.model.loading import ModelError
 
+    note = bundled_note(cfg.model.source)
+    if note is not None:
+        return note
     try:
         lora_json = json.dumps(dataclasses.asdict(cfg.lora))
         info = _inspect(cfg.model.source or "bundled", cfg.model.trust_remote_code, lora_json)
@@ -431,6 +461,11 @@ def plan_text(cfg: RunConfig, available: int | None = None, device: str | None =
         suggestions,
     )
 
+    note = bundled_note(cfg.model.source)
+    if note == PREPARING_NOTE:
+        return "**Memory estimate:** follows once the bundled model is ready."
+    if note is not None:
+        return note.replace("**Model:**", "**Memory estimate:**", 1)
     device = device or plan_device(cfg.train.device)
     try:
         model_config, shapes = _model_for_plan(cfg.model.source or "bundled", bool(cfg.model.trust_remote_code))
@@ -974,15 +1009,20 @@ def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:
     signature = gr.State("")
 
     # -- model, targets and parameter count --
+    # Never waits for the bundled model's conversion (bundled_note): while it runs, the targets are its known
+    # layers, and model_timer (on only then) reads the model once it is ready, then turns itself off.
+    model_timer = gr.Timer(2.0, active=False)
+
     def refresh_model(source, trust, group, targets):
         from studio.model.loading import ModelError
 
+        waiting = gr.Timer(active=bundled_note(source) == PREPARING_NOTE)
         try:
             names = model_layers(source, trust)
         except (ModelError, ImportError, OSError, ValueError) as err:
             gr.Warning(str(err))
-            return [], gr.update()
-        return names, gr.update(choices=names, value=group_targets(group, names, targets))
+            return [], gr.update(), waiting
+        return names, gr.update(choices=names, value=group_targets(group, names, targets)), waiting
 
     # -- what the form implies: parameter count, memory plan, CLI/YAML box --
     # One handler for all three, fired by user edits of the multiselects (.input) and by .change of the
@@ -995,10 +1035,28 @@ def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:
 
     model_inputs = [w["model.source"], w["model.trust_remote_code"], w[TARGET_GROUP], w["lora.target_modules"]]
     targets = w["lora.target_modules"]
+    model_outputs = [layers, targets, model_timer]
     # Programmatic target changes fire no .input: refresh the views after them explicitly.
-    w["model.source"].change(refresh_model, model_inputs, [layers, targets], api_name=False).then(
+    w["model.source"].change(refresh_model, model_inputs, model_outputs, api_name=False).then(
         form_views, [preset, *form], views, api_name=False
     )
+
+    def model_tick(preset_name, *values):
+        """Every 2 s while the bundled model is prepared: nothing; once it is ready (or failed), the model's
+        layers and the views, once, and the timer stops."""
+        source = form_value(values, "model.source")
+        if bundled_note(source) == PREPARING_NOTE:
+            return (*(gr.skip() for _ in (*model_outputs, *views)),)
+        trust, group, current = (
+            form_value(values, k) for k in ("model.trust_remote_code", TARGET_GROUP, "lora.target_modules")
+        )
+        names, targets_update, _ = refresh_model(source, trust, group, current)
+        values = list(values)
+        if "value" in targets_update:
+            values[FORM_KEYS.index("lora.target_modules")] = targets_update["value"]
+        return names, targets_update, gr.Timer(active=False), *form_views(preset_name, *values)
+
+    model_timer.tick(model_tick, [preset, *form], [*model_outputs, *views], api_name=False, show_progress="hidden")
     w[TARGET_GROUP].input(group_targets, [w[TARGET_GROUP], layers, targets], targets, api_name=False).then(
         form_views, [preset, *form], views, api_name=False
     )
@@ -1074,17 +1132,18 @@ def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:
     # A new run to watch draws everything afresh, at once.
     run.change(lambda run_id: tick(run_id, None), run, watch_outputs, api_name=False, show_progress="hidden")
 
-    def on_load(run_id, current, source, trust, group, targets):
-        names, targets_update = refresh_model(source, trust, group, targets)
+    def on_load(run_id, current):
         datasets = gr.update(choices=sorted(set(_dataset_names(ctx)) | set(current or [])))
-        return names, targets_update, datasets, refresh_runs(run_id)
+        return datasets, refresh_runs(run_id)
 
-    load_inputs = [run, w["data.datasets"], *model_inputs]
-    load_outputs = [layers, w["lora.target_modules"], w["data.datasets"], run]
-    # Page load (and so every reload) re-attaches to the newest active run and reads the model's layers.
-    Context.root_block.load(on_load, load_inputs, load_outputs, api_name=False).then(
+    # Page load (and so every reload) re-attaches to the newest active run and reads the model's layers:
+    # two handlers, so the datasets and runs never wait on the model.
+    lists_inputs, lists_outputs = [run, w["data.datasets"]], [w["data.datasets"], run]
+    Context.root_block.load(on_load, lists_inputs, lists_outputs, api_name=False)
+    Context.root_block.load(refresh_model, model_inputs, model_outputs, api_name=False).then(
         form_views, [preset, *form], views, api_name=False
     )
     if tab is not None:
         # New datasets registered in the Datasets tab and runs started from the CLI appear on selection.
-        tab.select(on_load, load_inputs, load_outputs, api_name=False)
+        tab.select(on_load, lists_inputs, lists_outputs, api_name=False)
+        tab.select(refresh_model, model_inputs, model_outputs, api_name=False)

