@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from studio.reports.card import CardError, write_card
+from studio.cli.common import exits_cleanly
+from studio.reports.card import write_card
 from studio.training.loop import ADAPTER_DIR
 
 # -- CLI --------------------------------------------------------------------------------------------
@@ -17,17 +18,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print", dest="print_card", action="store_true", help="print the Markdown, not the path")
 
 
+@exits_cleanly
 def run_cli(args: argparse.Namespace) -> int:
     """`studio card RUN [--print]`: exit 0 written, 2 bad input (unknown run)."""
     run_id = args.run
     path = Path(run_id).expanduser()
     if path.is_dir():  # a run folder (or its adapter folder) names its run
         run_id = path.resolve().parent.name if path.name == ADAPTER_DIR else path.resolve().name
-    try:
-        readme = write_card(None, run_id)
-    except CardError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    readme = write_card(None, run_id)
     if args.print_card:
         sys.stdout.write(readme.read_text(encoding="utf-8"))
     else:

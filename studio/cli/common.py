@@ -3,21 +3,39 @@ loading a run config from a file or a preset, and following a run's progress."""
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import yaml
 
 from studio.core.config import RunConfig, merge_dicts
+from studio.core.errors import StudioError
 
 
-class UsageError(Exception):
+class UsageError(StudioError):
     """Bad input from the user: exit 2."""
 
 
 def _fail(message: str, code: int = 2) -> int:
     print(f"error: {message}", file=sys.stderr)
     return code
+
+
+def exits_cleanly(command: Callable[..., int]) -> Callable[..., int]:
+    """The one error-to-exit mapping of `studio`: a StudioError becomes one `error:` line on stderr and its
+    kind's exit status (2 bad input, 1 failed); anything else is a bug and keeps its traceback."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> int:
+        try:
+            return command(*args, **kwargs)
+        except StudioError as err:
+            return _fail(err.one_line(), err.exit_code)
+
+    return run
 
 
 def _one_line(problems: list[str]) -> str:

@@ -9,10 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from studio.core.config import ConfigError
-from studio.data import DataError
-from studio.model.loading import ModelError
-from studio.reports.evaluate import PROGRESS_PREFIX, EvalError, EvalReport, EvalSpec, evaluate_run, summary_table
+from studio.cli.common import exits_cleanly
+from studio.reports.evaluate import PROGRESS_PREFIX, EvalReport, EvalSpec, evaluate_run, summary_table
 
 # -- text output --------------------------------------------------------------------------------
 
@@ -79,20 +77,14 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
     return EvalSpec(args.run, args.dataset, args.samples, args.gen_samples, args.max_new_tokens)
 
 
+@exits_cleanly
 def run_cli(args: argparse.Namespace, home: Path | None = None) -> int:
-    """Exit 0 with the report printed; 2 with one `error:` line on stderr when the input cannot be used."""
+    """Exit 0 with the report printed; bad input raises, and `studio.cli.main` prints one `error:` line (exit 2)."""
 
     def say(message: str) -> None:
         print(PROGRESS_PREFIX + message, file=sys.stderr, flush=True)
 
-    try:
-        report = evaluate_run(spec_from_args(args), home, progress=say)
-    except ConfigError as err:
-        print(f"error: {'; '.join(err.problems)}", file=sys.stderr)
-        return 2
-    except (EvalError, DataError, ModelError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+    report = evaluate_run(spec_from_args(args), home, progress=say)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:

@@ -12,8 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from studio.cli.common import UsageError, _fail, _one_line, follow, load_run_config
-from studio.core.config import ConfigError
+from studio.cli.common import UsageError, exits_cleanly, follow, load_run_config
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -376,20 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     args = build_parser().parse_args(argv)
-    from studio.core.store import IllegalTransition, RunNotFound
-    from studio.data import DataError
-    from studio.model.loading import ModelError
-    from studio.reports.export import ExportError
-    from studio.runs.queue import JobError
-
-    try:
-        return args.func(args)
-    except ConfigError as err:
-        return _fail(_one_line(err.problems))
-    except (UsageError, DataError, ModelError, RunNotFound) as err:
-        return _fail(" ".join(str(err).split()))  # one line; never strip quotes: messages open with 'file.json'
-    except (JobError, ExportError, IllegalTransition) as err:
-        return _fail(str(err), 1)
+    return exits_cleanly(args.func)(args)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from collections.abc import Sequence
 
-from studio.core.config import ConfigError, RunConfig
-from studio.core.store import Run, RunNotFound, RunStatus, SweepNotFound, iso
-from studio.runs.queue import JobError, JobManager
+from studio.cli.common import exits_cleanly
+from studio.core.config import RunConfig
+from studio.core.store import Run, RunStatus, iso
+from studio.runs.queue import JobManager
 from studio.runs.sweep import (
     DEFAULT_SCAN_STEPS,
     MAX_PARAMS,
@@ -59,24 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run_cli)
 
 
-def _error(message: str, code: int) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return code
-
-
+@exits_cleanly
 def run_cli(args: argparse.Namespace) -> int:
-    """Exit 0 on success, 2 for bad input, 1 when the operation ran and failed (like the rest of `studio`)."""
-    from studio.cli.common import UsageError
-
+    """Exit 0 on success; errors reach `studio.cli.main`, which maps them to 2 (bad input) or 1 (failed)."""
     commands = {"start": _cmd_start, "show": _cmd_show, "promote": _cmd_promote, "list": _cmd_list}
-    try:
-        return commands[args.sweep_action](args)
-    except ConfigError as err:  # SweepError included
-        return _error("; ".join(err.problems), 2)
-    except (UsageError, SweepNotFound, RunNotFound) as err:
-        return _error(" ".join(str(err).split()), 2)
-    except JobError as err:
-        return _error(str(err), 1)
+    return commands[args.sweep_action](args)
 
 
 def _cmd_start(args: argparse.Namespace) -> int:

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from studio.core.errors import StudioError
+
 COMPUTE_TYPES = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 BIAS_MODES = ("none", "lora_only", "all")
@@ -36,12 +38,15 @@ STRATEGIES = ("ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3")
 SHARDING = ("fsdp", "deepspeed-zero3")  # strategies that split the base weights themselves across processes
 
 
-class ConfigError(ValueError):
+class ConfigError(StudioError, ValueError):
     """A config that cannot be used; `problems` lists every reason."""
 
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
-        super().__init__("Invalid run config:\n- " + "\n- ".join(self.problems))
+        super().__init__("Invalid run config:\n- " + "\n- ".join(str(p) for p in self.problems))
+
+    def one_line(self) -> str:
+        return "; ".join(str(p) for p in self.problems)
 
 
 def _help(text: str) -> dict[str, str]:

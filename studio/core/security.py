@@ -12,11 +12,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from studio.core.errors import StudioError
+
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 ROOTS_ENV = "STUDIO_ALLOWED_ROOTS"
 
 
-class AccessError(ValueError):
+class AccessError(StudioError, ValueError):
     """A serve setting that would expose the studio, or a path outside the allowed roots."""
 
 

@@ -19,6 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from studio.core.errors import ExitCode, StudioError
+
 
 class RunStatus(str, enum.Enum):
     QUEUED = "queued"
@@ -44,16 +46,16 @@ TRANSITIONS: dict[RunStatus, set[RunStatus]] = {
 }
 
 
-class IllegalTransition(RuntimeError):
-    pass
+class IllegalTransition(StudioError, RuntimeError):
+    exit_code = ExitCode.FAILED
 
 
-class RunNotFound(KeyError):
+class RunNotFound(StudioError, KeyError):
     def __str__(self) -> str:
         return f"No run '{self.args[0]}'. List runs with `studio runs`."
 
 
-class SweepNotFound(KeyError):
+class SweepNotFound(StudioError, KeyError):
     def __str__(self) -> str:
         return f"No sweep '{self.args[0]}'. List sweeps with `studio sweep list`."
 

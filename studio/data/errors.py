@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from studio.core.errors import StudioError
 
-class DataError(Exception):
+
+class DataError(StudioError):
     """A problem with a dataset that the user can fix; the message is shown to them as is.
 
     `report` carries the ValidationReport when validation was the cause, so a UI can list every row.

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from studio.core.errors import StudioError
 from studio.core.security import AccessError, ensure_allowed
 from studio.core.workspace import models_cache_dir
 
@@ -47,7 +48,7 @@ DTYPES = ("fp32", "fp16", "bf16")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-class ModelError(Exception):
+class ModelError(StudioError):
     """A model cannot be resolved or loaded; the message says what to do."""
 
 

@@ -21,6 +21,7 @@ from xml.sax.saxutils import escape as _escape
 
 import yaml
 
+from studio.core.errors import StudioError
 from studio.core.store import Metric, Run, RunNotFound, Store, iso
 from studio.training.loop import ADAPTER_DIR
 
@@ -36,7 +37,7 @@ BUNDLED_LICENSE = "apache-2.0"
 _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
 
 
-class CardError(ValueError):
+class CardError(StudioError, ValueError):
     """A card that cannot be written; the message says what to do."""
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from studio.core import procs
 from studio.core.config import ConfigError, RunConfig
+from studio.core.errors import StudioError
 from studio.core.store import Run, RunNotFound, RunStatus, Store
 from studio.core.workspace import db_path, studio_home
 from studio.data import DataError, Example, Sample
@@ -49,7 +50,7 @@ _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
 _WORDS = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+")
 
 
-class EvalError(ValueError):
+class EvalError(StudioError, ValueError):
     """An evaluation that cannot run as asked; the message says how to fix it."""
 
 

@@ -13,13 +13,16 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from studio.core.errors import ExitCode, StudioError
 from studio.model.loading import load_model, load_tokenizer, resolve_model
 from studio.reports.card import CARD_DIR
 from studio.training.loop import ADAPTER_DIR
 
 
-class ExportError(RuntimeError):
-    pass
+class ExportError(StudioError, RuntimeError):
+    """An export that cannot be made or did not finish; the message says why."""
+
+    exit_code = ExitCode.FAILED
 
 
 @dataclass(frozen=True)

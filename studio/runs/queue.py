@@ -24,6 +24,7 @@ from typing import Any
 
 from studio.core import procs
 from studio.core.config import ConfigError, RunConfig, parse_gpu_ids
+from studio.core.errors import ExitCode, StudioError
 from studio.core.procs import process_alive, process_start_token
 from studio.core.store import Run, RunNotFound, RunStatus, Store, Sweep
 from studio.core.workspace import db_path, ensure_home, runs_dir, studio_home
@@ -66,8 +67,10 @@ def min_free_bytes() -> int:
 SPAWNED_ENV = "STUDIO_WORKER_SPAWNED"  # set by the queue: the worker waits for its row, never claims it
 
 
-class JobError(RuntimeError):
+class JobError(StudioError, RuntimeError):
     """A queue action that cannot be done; the message says why."""
+
+    exit_code = ExitCode.FAILED
 
 
 def checkpoint_problem(path: Path) -> str | None:

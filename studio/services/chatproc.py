@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.core import procs
+from studio.core.errors import ExitCode, StudioError
 from studio.core.procs import exit_description, rss_mb
 from studio.core.workspace import studio_home
 from studio.services.chat import BASE, GenerationSettings, final_text
@@ -37,8 +38,10 @@ ROLES = ("system", "user", "assistant")
 LOG_NAME = "chat.log"
 
 
-class ChatError(RuntimeError):
+class ChatError(StudioError, RuntimeError):
     """A chat request that cannot be answered; the message says what to do."""
+
+    exit_code = ExitCode.FAILED
 
 
 def check_messages(messages: list[dict[str, str]]) -> list[dict[str, str]]:

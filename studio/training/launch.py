@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.core.config import RunConfig, parse_gpu_ids
+from studio.core.errors import ExitCode, StudioError
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 GPUS_ENV = "STUDIO_GPUS"  # the GPU inventory the queue may hand out ("0,1", or "none"); default: all visible
@@ -27,8 +28,10 @@ ASSIGNED_ENV = "STUDIO_ASSIGNED_GPUS"  # set by the queue on a worker: the physi
 RANKS_DIR = "ranks"  # RUN_DIR/ranks/rank-N.json: what each process did, written at its end
 
 
-class DistributedError(RuntimeError):
+class DistributedError(StudioError, RuntimeError):
     """A launch that cannot be made; the message says why and what to change."""
+
+    exit_code = ExitCode.FAILED
 
 
 # -- the launch line ------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from studio.core.config import BNB_OPTIMIZERS, SHARDING, RunConfig, device_problems
+from studio.core.errors import ExitCode, StudioError
 from studio.model.loading import (
     ResolvedModel,
     detect_device,
@@ -55,8 +56,10 @@ ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(StudioError, RuntimeError):
     """A run cannot start or continue; the message says why and what to change."""
+
+    exit_code = ExitCode.FAILED
 
 
 class MetricSink(Protocol):
