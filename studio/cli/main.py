@@ -209,7 +209,7 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from studio.services.checkup import run_doctor
+    from studio.cli.doctor import run_doctor
 
     return run_doctor(do_repair=args.repair, as_json=args.json)
 

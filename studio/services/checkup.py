@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from studio.core.store import Run, RunStatus, Store
@@ -290,32 +289,3 @@ def repair(home: Path | None, findings: list[Finding]) -> list[str]:
     finally:
         store.close()
     return done
-
-
-def run_doctor(home: Path | None = None, do_repair: bool = False, as_json: bool = False) -> int:
-    """The CLI: print findings (and repairs). 0 when healthy or all repaired, 1 when problems remain."""
-    findings = check(home)
-    done = repair(home, findings) if do_repair and findings else []
-    remaining = check(home) if done else findings
-    if as_json:
-        print(
-            json.dumps(
-                {
-                    "findings": [asdict(f) for f in findings],
-                    "repaired": done,
-                    "remaining": [asdict(f) for f in remaining],
-                },
-                indent=2,
-            )
-        )
-    else:
-        if not findings:
-            print("Workspace is healthy: no problems found.")
-        for f in findings:
-            print(f.describe())
-        for line in done:
-            print(f"repaired: {line}")
-        if remaining:
-            hint = "" if do_repair else " Run `studio doctor --repair` to fix the repairable ones."
-            print(f"{len(remaining)} problem(s) remain.{hint}", file=sys.stderr)
-    return 1 if remaining else 0

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from studio.cli.doctor import run_doctor
 from studio.core.config import RunConfig
 from studio.core.store import RunStatus, Store
 from studio.core.workspace import db_path
@@ -76,7 +77,7 @@ def test_healthy_workspace_has_no_findings(home, store, tiny_model_dir, tmp_path
     (home / "datasets" / ".adding-fresh").mkdir()  # a registration in progress right now: not a leftover
 
     assert doctor.check(home) == []
-    assert doctor.run_doctor(home) == 0
+    assert run_doctor(home) == 0
     assert capsys.readouterr().out == "Workspace is healthy: no problems found.\n"
 
 
@@ -155,7 +156,7 @@ def test_changed_dataset_file_is_reported_not_repaired(home, store, tmp_path):
     assert finding.fix == "remove it (studio datasets remove qa) and register the original file again"
     assert doctor.repair(home, [finding]) == []
     assert stored.read_text() == ALPACA.replace("hi", "bye")
-    assert doctor.run_doctor(home, do_repair=True) == 1
+    assert run_doctor(home, do_repair=True) == 1
 
 
 def test_dataset_dir_without_entry_is_moved_to_trash(home, store):
