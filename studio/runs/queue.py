@@ -101,12 +101,11 @@ def model_problems(config: RunConfig, known: list[str] | tuple[str, ...] = ()) -
         build_skeleton,
         bundled_gguf_path,
         bundled_model_ready,
-        expand_targets,
         is_bundled_source,
-        linear_layer_names,
         load_config,
         resolve_model,
     )
+    from studio.model.targets import linear_layer_names, target_problem
 
     if any(p.startswith("model.source") for p in known):
         return []  # already reported; nothing to resolve
@@ -131,14 +130,8 @@ def model_problems(config: RunConfig, known: list[str] | tuple[str, ...] = ()) -
             available = linear_layer_names(build_skeleton(model_config))
         except (ValueError, KeyError) as err:  # transformers: no causal-LM class for this config
             return [f"'{config.model.source}' is not a causal language model this version can train ({err})."]
-    targets = expand_targets(config.lora.target_modules, available)
-    missing = [t for t in targets if t not in available]
-    if missing or not targets:
-        return [
-            f"lora.target_modules: {', '.join(missing) or '(none)'} not found in this model. "
-            f"Its linear layers are: {', '.join(available)}; or use 'all-linear'."
-        ]
-    return []
+    problem = target_problem(config.lora.target_modules, available)
+    return [problem] if problem else []
 
 
 def missing_datasets(home: Path, config: RunConfig) -> list[str]:

@@ -22,12 +22,11 @@ from studio.core.config import BNB_OPTIMIZERS, SHARDING, RunConfig, device_probl
 from studio.model.loading import (
     ResolvedModel,
     detect_device,
-    expand_targets,
-    linear_layer_names,
     load_model,
     load_tokenizer,
     resolve_model,
 )
+from studio.model.targets import expand_targets, linear_layer_names, target_problem
 from studio.training.coach import (
     Advice,
     DataFacts,
@@ -240,13 +239,10 @@ def lora_config(config: RunConfig, available: list[str]):
     from peft import LoraConfig
 
     spec = config.lora
+    problem = target_problem(spec.target_modules, available)
+    if problem:
+        raise TrainingError(problem)
     targets = expand_targets(spec.target_modules, available)
-    missing = [t for t in targets if t not in available]
-    if missing or not targets:
-        raise TrainingError(
-            f"Target module(s) {', '.join(missing) or '(none)'} not found in this model. "
-            f"Its linear layers are: {', '.join(available)}; or use 'all-linear'."
-        )
     init: bool | str = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}[spec.init]
     return LoraConfig(
         r=spec.r,
