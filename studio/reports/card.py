@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shlex
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from xml.sax.saxutils import escape as _escape
 
 import yaml
 
+from studio.core.fsutil import atomic_write
 from studio.core.store import Metric, Run, RunNotFound, Store, iso
 from studio.training.loop import ADAPTER_DIR
 
@@ -569,7 +568,7 @@ def write_card(home: Path | None, run_id: str) -> Path:
     out_dir = adapter_dir if has_adapter else run_dir / CARD_DIR
     image_dir = out_dir / CARD_DIR if has_adapter else out_dir
     write_images(image_dir, card_charts(metrics))
-    _atomic_write(out_dir / CARD_FILE, card)
+    atomic_write(out_dir / CARD_FILE, card)
     return out_dir / CARD_FILE
 
 
@@ -592,24 +591,10 @@ def write_images(folder: Path, charts: Sequence[Chart]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     keep = {c.file for c in charts}
     for chart in charts:
-        _atomic_write(folder / chart.file, chart.svg)
+        atomic_write(folder / chart.file, chart.svg)
     for old in folder.glob("*.svg"):
         if old.name not in keep:
             old.unlink(missing_ok=True)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Tmp then replace: a reader (the hub, an export running meanwhile) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a card is for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_json(path: Path) -> dict | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import queue
 import re
 import subprocess
@@ -28,6 +27,7 @@ from typing import Any
 
 from studio.core import procs
 from studio.core.config import ConfigError, RunConfig
+from studio.core.fsutil import atomic_write
 from studio.core.store import Run, RunNotFound, RunStatus, Store
 from studio.core.workspace import db_path, studio_home
 from studio.data import DataError, Example, Sample
@@ -158,12 +158,6 @@ def report_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / EVAL_DIR
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)  # readers see the old file or the new one, never half of one
-
-
 def write_report(report: EvalReport, run_dir: str | Path) -> Path:
     """RUN_DIR/eval/<UTC timestamp>.json, then latest.json; returns the timestamped file."""
     folder = report_dir(run_dir)
@@ -173,8 +167,8 @@ def write_report(report: EvalReport, run_dir: str | Path) -> Path:
     while path.exists():  # two evaluations in one second keep both
         path, n = folder / f"{stamp}-{n}.json", n + 1
     text = json.dumps(report.to_dict(), indent=2, ensure_ascii=False)
-    _atomic_write(path, text)
-    _atomic_write(folder / LATEST, text)
+    atomic_write(path, text)  # readers see the old file or the new one, never half of one
+    atomic_write(folder / LATEST, text)
     return path
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.core.config import ConfigError, RunConfig
+from studio.core.fsutil import atomic_write_json
 
 DATA_FACTS_FILE = "data_facts.json"
 SEVERITIES = ("critical", "warning", "info")  # most severe first
@@ -506,10 +507,7 @@ def read_data_facts(run_dir: Path) -> DataFacts | None:
 
 
 def write_data_facts(run_dir: Path, facts: DataFacts) -> None:
-    path = Path(run_dir) / DATA_FACTS_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(facts.to_dict(), indent=2))
-    tmp.replace(path)  # readers (the UI's timer) never see half a file
+    atomic_write_json(Path(run_dir) / DATA_FACTS_FILE, facts.to_dict())  # the UI's timer never reads half
 
 
 def advice_for_run(store: Any, run: Any) -> list[Advice]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.core.config import RunConfig, parse_gpu_ids
+from studio.core.fsutil import atomic_write_json
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 GPUS_ENV = "STUDIO_GPUS"  # the GPU inventory the queue may hand out ("0,1", or "none"); default: all visible
@@ -207,13 +208,7 @@ class RankReport:
 
 
 def write_rank_report(run_dir: Path, report: RankReport) -> Path:
-    folder = Path(run_dir) / RANKS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"rank-{report.rank}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(report), indent=2))
-    tmp.replace(path)
-    return path
+    return atomic_write_json(Path(run_dir) / RANKS_DIR / f"rank-{report.rank}.json", asdict(report))
 
 
 def read_rank_reports(run_dir: Path) -> list[RankReport]:

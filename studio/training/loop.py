@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import math
 import random
 import resource
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from studio.core.config import BNB_OPTIMIZERS, SHARDING, RunConfig, device_problems
+from studio.core.fsutil import atomic_write_json
 from studio.model.loading import (
     ResolvedModel,
     detect_device,
@@ -595,9 +595,7 @@ def write_run_json(path: Path, config: RunConfig, model: ResolvedModel, result: 
         "config": config.to_dict(),
         **result,
     }
-    tmp = path / "run.json.tmp"
-    tmp.write_text(json.dumps(body, indent=2))
-    tmp.replace(path / "run.json")
+    atomic_write_json(path / "run.json", body)
 
 
 def run_training(
