@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from studio.core.workspace import RunDir
 from studio.reports.card import CardError, write_card
-from studio.training.loop import ADAPTER_DIR
 
 # -- CLI --------------------------------------------------------------------------------------------
 
@@ -22,7 +22,7 @@ def run_cli(args: argparse.Namespace) -> int:
     run_id = args.run
     path = Path(run_id).expanduser()
     if path.is_dir():  # a run folder (or its adapter folder) names its run
-        run_id = path.resolve().parent.name if path.name == ADAPTER_DIR else path.resolve().name
+        run_id = path.resolve().parent.name if path.name == RunDir.ADAPTER else path.resolve().name
     try:
         readme = write_card(None, run_id)
     except CardError as err:

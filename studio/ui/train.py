@@ -744,7 +744,7 @@ def format_duration(seconds: float | None) -> str:
 
 
 def _resume_step(run: Run) -> int:
-    from studio.training.loop import checkpoint_step
+    from studio.core.workspace import checkpoint_step
 
     try:
         return checkpoint_step(Path(run.resume_from)) if run.resume_from else 0
