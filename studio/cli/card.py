@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from studio.cli.common import exits_cleanly
+from studio.core.workspace import RunDir
 from studio.reports.card import write_card
-from studio.training.loop import ADAPTER_DIR
 
 # -- CLI --------------------------------------------------------------------------------------------
 
@@ -24,7 +24,7 @@ def run_cli(args: argparse.Namespace) -> int:
     run_id = args.run
     path = Path(run_id).expanduser()
     if path.is_dir():  # a run folder (or its adapter folder) names its run
-        run_id = path.resolve().parent.name if path.name == ADAPTER_DIR else path.resolve().name
+        run_id = path.resolve().parent.name if path.name == RunDir.ADAPTER else path.resolve().name
     readme = write_card(None, run_id)
     if args.print_card:
         sys.stdout.write(readme.read_text(encoding="utf-8"))

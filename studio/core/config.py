@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from studio.core.errors import StudioError
+from studio.core.fsutil import atomic_write
 
 COMPUTE_TYPES = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -406,10 +407,7 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
     def save(self, path: Path) -> None:
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(self.to_yaml())
-        tmp.replace(path)
+        atomic_write(path, self.to_yaml())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> RunConfig:

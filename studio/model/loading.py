@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from studio.core.errors import StudioError
 from studio.core.security import AccessError, ensure_allowed
 from studio.core.workspace import models_cache_dir
+from studio.model.targets import linear_layer_names, linear_shapes, lora_param_count
 
 if TYPE_CHECKING:  # torch and transformers are slow to import; keep them out of module import time
     import torch
@@ -417,54 +418,6 @@ def build_skeleton(config):
     return model
 
 
-def _linear_modules(model) -> list[tuple[str, Any]]:
-    import torch
-
-    out = []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt", "Conv1D"):
-            out.append((name, module))
-    return out
-
-
-def output_layer_names(model) -> set[str]:
-    """The LM head (and anything tied to the output embedding): never a LoRA target by default."""
-    names = {"lm_head", "embed_out", "output"}
-    get_out = getattr(model, "get_output_embeddings", None)
-    head = get_out() if callable(get_out) else None
-    if head is not None:
-        for name, module in model.named_modules():
-            if module is head:
-                names.add(name.split(".")[-1])
-    return names
-
-
-def linear_layer_names(model) -> list[str]:
-    """Distinct short names of the linear layers a LoRA can target (q_proj, v_proj, ...), in model order."""
-    skip = output_layer_names(model)
-    seen: dict[str, None] = {}
-    for name, _ in _linear_modules(model):
-        short = name.split(".")[-1]
-        if short not in skip:
-            seen.setdefault(short, None)
-    return list(seen)
-
-
-def expand_targets(target_modules: str | list[str], available: list[str]) -> list[str]:
-    """'all-linear' and the named groups, or an explicit list, as concrete layer names."""
-    if isinstance(target_modules, str):
-        key = target_modules.strip().lower()
-        groups = {
-            "all-linear": available,
-            "attention": [n for n in available if n in ("q_proj", "k_proj", "v_proj", "o_proj")],
-            "q,v": [n for n in available if n in ("q_proj", "v_proj")],
-        }
-        if key in groups:
-            return groups[key]
-        return [t.strip() for t in target_modules.split(",") if t.strip()]
-    return list(target_modules)
-
-
 @dataclass(frozen=True)
 class ParamCount:
     trainable: int
@@ -479,23 +432,9 @@ class ParamCount:
 
 
 def count_lora_parameters(model, lora: LoraSpec) -> ParamCount:
-    """Trainable parameters a LoRA config adds, computed from layer shapes (works on a meta skeleton).
-
-    Per adapted matrix W (out x in): r*(in + out); DoRA adds a magnitude vector of `out`.
-    """
-    available = linear_layer_names(model)
-    targets = set(expand_targets(lora.target_modules, available))
-    trainable = 0
+    """Trainable parameters a LoRA config adds, computed from layer shapes (works on a meta skeleton)."""
+    trainable = lora_param_count(linear_shapes(model), lora)
     total = sum(p.numel() for p in model.parameters())
-    for name, module in _linear_modules(model):
-        if name.split(".")[-1] not in targets:
-            continue
-        out_f, in_f = module.weight.shape[0], module.weight.shape[1]
-        trainable += lora.r * (in_f + out_f)
-        if lora.use_dora:
-            trainable += out_f
-        if lora.bias in ("all", "lora_only") and getattr(module, "bias", None) is not None:
-            trainable += module.bias.numel()
     return ParamCount(trainable=trainable, total=total + trainable)
 
 

@@ -17,6 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from studio.core.config import ConfigError, RunConfig
+from studio.model.targets import (
+    LinearShape,
+    adapted_layers,
+    linear_modules,
+    lora_param_count,
+    output_layer_names,
+    target_problem,
+    targetable_names,
+)
 
 GB = 1e9  # the published 7B figures (14-18 GB, 5-8 GB) are decimal gigabytes
 
@@ -48,17 +57,6 @@ class PlanError(ConfigError):
 
 
 @dataclass(frozen=True)
-class LinearShape:
-    """One linear layer of the model (per block, not aggregated)."""
-
-    name: str  # short name: q_proj, down_proj, ...
-    out_features: int
-    in_features: int
-    has_bias: bool
-    output_layer: bool  # the LM head: never quantized by bitsandbytes, never a default LoRA target
-
-
-@dataclass(frozen=True)
 class ModelShapes:
     """What the planner needs from a model, read once from its weightless skeleton."""
 
@@ -77,11 +75,7 @@ class ModelShapes:
 
     @property
     def linear_names(self) -> list[str]:
-        seen: dict[str, None] = {}
-        for lin in self.linears:
-            if not lin.output_layer:
-                seen.setdefault(lin.name, None)
-        return list(seen)
+        return targetable_names(self.linears)
 
     @property
     def total_params(self) -> int:
@@ -159,17 +153,15 @@ def fmt_bytes(n: int | float) -> str:
 
 def model_shapes(model_config: Any) -> ModelShapes:
     """Shapes from a meta-device skeleton (accelerate.init_empty_weights): no weights are loaded."""
-    from studio.model.loading import build_skeleton, output_layer_names
+    from studio.model.loading import build_skeleton
 
     skeleton = build_skeleton(model_config)
     return shapes_from_skeleton(skeleton, model_config, output_layer_names(skeleton))
 
 
 def shapes_from_skeleton(skeleton: Any, cfg: Any, output_names: set[str]) -> ModelShapes:
-    from studio.model.loading import _linear_modules
-
     linears, kept_ids = [], set()
-    for name, module in _linear_modules(skeleton):
+    for name, module in linear_modules(skeleton):
         if _is_tied(skeleton, module):
             continue  # a tied LM head is the embedding matrix: counted once, with the other parameters
         out_f, in_f = module.weight.shape[0], module.weight.shape[1]
@@ -229,16 +221,11 @@ def plan_problems(shapes: ModelShapes, run: RunConfig, device: str) -> list[str]
             f"({shapes.max_positions} positions): lower it."
         )
     if not run.lora.validate():
-        targets = _targets(shapes, run)
-        missing = sorted({t for t in _target_names(shapes, run) if t not in shapes.linear_names})
-        if missing:
-            problems.append(
-                f"Target module(s) {', '.join(missing)} not found in this model; "
-                f"its linear layers are {', '.join(shapes.linear_names)}."
-            )
-        elif not targets:
-            problems.append("No LoRA target module: name at least one linear layer or use 'all-linear'.")
+        problem = target_problem(run.lora.target_modules, shapes.linear_names)
+        if problem:
+            problems.append(problem)
         else:
+            targets = _targets(shapes, run)
             smallest = min(min(t.in_features, t.out_features) for t in targets)
             if run.lora.r >= smallest:
                 problems.append(
@@ -248,30 +235,11 @@ def plan_problems(shapes: ModelShapes, run: RunConfig, device: str) -> list[str]
     return problems
 
 
-def _target_names(shapes: ModelShapes, run: RunConfig) -> list[str]:
-    from studio.model.loading import expand_targets
-
-    return expand_targets(run.lora.target_modules, shapes.linear_names)
-
-
 def _targets(shapes: ModelShapes, run: RunConfig) -> list[LinearShape]:
-    names = set(_target_names(shapes, run))
-    return [x for x in shapes.linears if x.name in names and not x.output_layer]
+    return adapted_layers(shapes.linears, run.lora.target_modules)
 
 
 # -- the estimate ---------------------------------------------------------------------------------
-
-
-def lora_param_count(shapes: ModelShapes, run: RunConfig) -> int:
-    """r*(in + out) per adapted matrix; DoRA adds a magnitude vector of `out`."""
-    total = 0
-    for lin in _targets(shapes, run):
-        total += run.lora.r * (lin.in_features + lin.out_features)
-        if run.lora.use_dora:
-            total += lin.out_features
-        if run.lora.bias != "none" and lin.has_bias:
-            total += lin.out_features
-    return total
 
 
 def base_weight_bytes(shapes: ModelShapes, run: RunConfig, rest_width: int = 4) -> tuple[int, str]:
@@ -416,7 +384,7 @@ def plan_memory(
     batch, cutoff = run.train.batch_size, run.data.cutoff_len
     tokens = batch * cutoff
     b = DTYPE_BYTES[run.train.compute_type]
-    trainable = lora_param_count(shapes, run)
+    trainable = lora_param_count(shapes.linears, run.lora)
 
     weights, weights_why = base_weight_bytes(shapes, run)
     opt, opt_why = optimizer_bytes(shapes, run, trainable)

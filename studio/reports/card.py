@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shlex
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +20,10 @@ from xml.sax.saxutils import escape as _escape
 import yaml
 
 from studio.core.errors import StudioError
+from studio.core.fsutil import atomic_write
 from studio.core.store import Metric, Run, RunNotFound, Store, iso
-from studio.training.loop import ADAPTER_DIR
+from studio.core.workspace import RunDir
 
-CARD_FILE = "README.md"
-CARD_DIR = "card"  # the card's images, beside README.md in the adapter folder
-EVAL_REPORT = Path("eval") / "latest.json"
 MAX_EXAMPLES = 5
 SPARSE_POINTS = 12  # a series with this few points also gets a dot per point
 LOG_TAIL_MARK = "--- last log lines ---"
@@ -247,7 +243,7 @@ def base_model_info(run: Run, run_json: dict | None) -> BaseModelInfo:
 
 
 def reproduce_command(run_dir: str | Path) -> str:
-    return f"studio train {shlex.quote(str(Path(run_dir) / 'config.yaml'))}"
+    return f"studio train {shlex.quote(str(RunDir(run_dir).config))}"
 
 
 def render_card(
@@ -258,7 +254,7 @@ def render_card(
     dataset_entries: list[dict],
     command: str,
     events_warnings: list[str],
-    image_dir: str = CARD_DIR,
+    image_dir: str = RunDir.CARD_IMAGES,
     has_adapter: bool | None = None,
 ) -> str:
     """The whole card as Markdown. `has_adapter` defaults to whether run.json exists (training writes it
@@ -424,7 +420,7 @@ def training_section(run: Run, metrics: Sequence[Metric], run_json: dict | None)
     return "## Training\n\n" + _table(("Measure", "Value"), rows)
 
 
-def curves_section(charts: Sequence[Chart], image_dir: str = CARD_DIR) -> str:
+def curves_section(charts: Sequence[Chart], image_dir: str = RunDir.CARD_IMAGES) -> str:
     if not charts:
         return "## Curves\n\nNo metrics were logged."
     prefix = f"{image_dir.rstrip('/')}/" if image_dir else ""
@@ -496,7 +492,7 @@ def notes_section(run: Run, warnings: list[str]) -> str:
 
 
 def reproduce_section(run: Run, command: str, config: dict, base: BaseModelInfo, has_adapter: bool) -> str:
-    adapter = run.adapter_dir or str(Path(run.run_dir) / ADAPTER_DIR)
+    adapter = str(RunDir.of(run).adapter)
     lines = [
         "## How to reproduce",
         "",
@@ -505,7 +501,7 @@ def reproduce_section(run: Run, command: str, config: dict, base: BaseModelInfo,
         "",
         _fenced(command, "bash"),
         "",
-        "<details><summary>config.yaml</summary>",
+        f"<details><summary>{RunDir.CONFIG}</summary>",
         "",
         _fenced(yaml.safe_dump(config, sort_keys=False, allow_unicode=True).rstrip(), "yaml"),
         "",
@@ -549,29 +545,23 @@ def write_card(home: Path | None, run_id: str) -> Path:
         raise CardError(f"No run '{run_id}'. List runs with `studio runs` and pass a run id.") from err
     finally:
         store.close()
-    run_dir = Path(run.run_dir)
-    adapter_dir = Path(run.adapter_dir) if run.adapter_dir else run_dir / ADAPTER_DIR
-    has_adapter = (adapter_dir / "adapter_config.json").is_file() and any(
-        (adapter_dir / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")
-    )
-    run_json = _read_json(adapter_dir / "run.json") if has_adapter else None  # absent: an older studio
+    folder = RunDir.of(run)
+    has_adapter = folder.has_adapter()
+    run_json = _read_json(folder.run_json) if has_adapter else None  # absent: an older studio
     config = (run_json or {}).get("config") or run.config
     card = render_card(
         run,
         metrics,
         run_json,
-        _read_json(run_dir / EVAL_REPORT),
+        _read_json(folder.eval_latest),
         dataset_entries(home, _get(config, "data.datasets") or []),
-        reproduce_command(run_dir),
+        reproduce_command(folder.path),
         warnings,
-        image_dir=CARD_DIR if has_adapter else "",
+        image_dir=RunDir.CARD_IMAGES if has_adapter else "",
         has_adapter=has_adapter,
     )
-    out_dir = adapter_dir if has_adapter else run_dir / CARD_DIR
-    image_dir = out_dir / CARD_DIR if has_adapter else out_dir
-    write_images(image_dir, card_charts(metrics))
-    _atomic_write(out_dir / CARD_FILE, card)
-    return out_dir / CARD_FILE
+    write_images(folder.card_images(has_adapter), card_charts(metrics))
+    return atomic_write(folder.card_folder(has_adapter) / RunDir.CARD, card)
 
 
 def dataset_entries(home: Path, names: Sequence[str]) -> list[dict]:
@@ -593,24 +583,10 @@ def write_images(folder: Path, charts: Sequence[Chart]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     keep = {c.file for c in charts}
     for chart in charts:
-        _atomic_write(folder / chart.file, chart.svg)
+        atomic_write(folder / chart.file, chart.svg)
     for old in folder.glob("*.svg"):
         if old.name not in keep:
             old.unlink(missing_ok=True)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Tmp then replace: a reader (the hub, an export running meanwhile) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a card is for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_json(path: Path) -> dict | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import queue
 import re
 import subprocess
@@ -29,14 +28,13 @@ from typing import Any
 from studio.core import procs
 from studio.core.config import ConfigError, RunConfig
 from studio.core.errors import StudioError
+from studio.core.fsutil import atomic_write
 from studio.core.store import Run, RunNotFound, RunStatus, Store
-from studio.core.workspace import db_path, studio_home
+from studio.core.workspace import RunDir, db_path, studio_home
 from studio.data import DataError, Example, Sample
 from studio.data.tokenize import CHATML_TEMPLATE, IGNORE_INDEX, build_sample
 
 VALIDATION = "validation split"  # the report's `dataset` when the run's own held-out rows were scored
-EVAL_DIR = "eval"
-LATEST = "latest.json"
 PROGRESS_PREFIX = "[eval] "  # marks progress lines on the child's stderr among library warnings
 EVAL_TIMEOUT_S = 3600
 MAX_BATCH = 8
@@ -155,33 +153,24 @@ class EvalReport:
             raise EvalError(f"Not an evaluation report ({type(err).__name__}: {err}). Evaluate the run again.") from err
 
 
-def report_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / EVAL_DIR
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)  # readers see the old file or the new one, never half of one
-
-
 def write_report(report: EvalReport, run_dir: str | Path) -> Path:
     """RUN_DIR/eval/<UTC timestamp>.json, then latest.json; returns the timestamped file."""
-    folder = report_dir(run_dir)
+    run_folder = RunDir(run_dir)
+    folder = run_folder.eval
     folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(report.created_at))
     path, n = folder / f"{stamp}.json", 2
     while path.exists():  # two evaluations in one second keep both
         path, n = folder / f"{stamp}-{n}.json", n + 1
     text = json.dumps(report.to_dict(), indent=2, ensure_ascii=False)
-    _atomic_write(path, text)
-    _atomic_write(folder / LATEST, text)
+    atomic_write(path, text)  # readers see the old file or the new one, never half of one
+    atomic_write(run_folder.eval_latest, text)
     return path
 
 
 def load_latest(run_dir: str | Path) -> EvalReport | None:
     """The run's latest evaluation, or None when it was never evaluated."""
-    path = report_dir(run_dir) / LATEST
+    path = RunDir(run_dir).eval_latest
     if not path.is_file():
         return None
     try:
@@ -366,14 +355,8 @@ class Target:
     dataset: str  # VALIDATION or the registered dataset's name
 
 
-def _is_adapter_dir(path: Path) -> bool:
-    return (path / "adapter_config.json").is_file() and any(
-        (path / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")
-    )
-
-
 def _run_config(run: Run) -> RunConfig:
-    path = Path(run.run_dir) / "config.yaml"
+    path = RunDir.of(run).config
     try:
         return RunConfig.load(path) if path.is_file() else RunConfig.from_dict(run.config)
     except ConfigError as err:
@@ -392,8 +375,8 @@ def check_spec(spec: EvalSpec, home: Path | None = None) -> Target:
             f"Run {run.id} is {run.status.value}: evaluation needs a completed run with a final adapter. "
             + ("Wait for it to finish." if not run.status.finished else "Resume it (studio resume) to finish it.")
         )
-    adapter_dir = Path(run.adapter_dir or Path(run.run_dir) / "adapter")
-    if not _is_adapter_dir(adapter_dir):
+    adapter_dir = RunDir.of(run).adapter
+    if not RunDir.is_adapter(adapter_dir):
         raise EvalError(
             f"Run {run.id} has no adapter at {adapter_dir} (adapter_config.json + adapter_model.safetensors): "
             "its files were moved or deleted. Train it again."

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from studio.core.errors import ExitCode, StudioError
+from studio.core.workspace import RunDir
 from studio.model.loading import load_model, load_tokenizer, resolve_model
-from studio.reports.card import CARD_DIR
-from studio.training.loop import ADAPTER_DIR
 
 
 class ExportError(StudioError, RuntimeError):
@@ -39,20 +38,14 @@ class ExportResult:
         return f"Saved to {self.out_dir} ({self.total_bytes / 2**20:.1f} MiB):\n" + "\n".join(lines)
 
 
-def is_adapter_dir(path: Path) -> bool:
-    return (path / "adapter_config.json").is_file() and any(
-        (path / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")
-    )
-
-
 def find_adapter(run_or_path: str, home: Path | None = None) -> Path:
     """An adapter folder given as a path, or as a run id whose training completed."""
     path = Path(run_or_path).expanduser()
     if path.is_dir():
-        if is_adapter_dir(path):
+        if RunDir.is_adapter(path):
             return path.resolve()
-        if is_adapter_dir(path / ADAPTER_DIR):
-            return (path / ADAPTER_DIR).resolve()
+        if RunDir(path).has_adapter():
+            return RunDir(path).adapter.resolve()
         raise ExportError(f"'{run_or_path}' holds no adapter (adapter_config.json + adapter_model.safetensors).")
     from studio.core.store import RunNotFound, Store
     from studio.core.workspace import db_path, studio_home
@@ -62,19 +55,19 @@ def find_adapter(run_or_path: str, home: Path | None = None) -> Path:
         run = store.get_run(run_or_path)
     except RunNotFound as err:
         raise ExportError(str(err)) from err
-    adapter = Path(run.adapter_dir or Path(run.run_dir) / ADAPTER_DIR)
-    if not is_adapter_dir(adapter):
+    adapter = RunDir.of(run).adapter
+    if not RunDir.is_adapter(adapter):
         raise ExportError(f"Run {run.id} is {run.status.value} and has no final adapter; export a completed run.")
     return adapter
 
 
 def adapter_base_source(adapter_dir: Path) -> tuple[str, bool]:
     """The base model a studio adapter was trained on (run.json), else peft's base_model_name_or_path."""
-    run_json = adapter_dir / "run.json"
+    run_json = adapter_dir / RunDir.RUN_JSON
     if run_json.is_file():
         body = json.loads(run_json.read_text())
         return body["base_model"]["source"], bool(body["config"]["model"].get("trust_remote_code", False))
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config = json.loads((adapter_dir / RunDir.ADAPTER_CONFIG).read_text())
     return config.get("base_model_name_or_path") or "bundled", False
 
 
@@ -110,8 +103,8 @@ def merge_adapter(adapter_dir: Path, out_dir: Path, dtype: str = "fp32", overwri
     try:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if (adapter_dir / "run.json").is_file():
-            shutil.copy2(adapter_dir / "run.json", tmp / "studio_run.json")
+        if (adapter_dir / RunDir.RUN_JSON).is_file():
+            shutil.copy2(adapter_dir / RunDir.RUN_JSON, tmp / "studio_run.json")
         return _finish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -128,8 +121,8 @@ def export_adapter(adapter_dir: Path, out_dir: Path, overwrite: bool = False) ->
         for item in adapter_dir.iterdir():
             if item.is_file():
                 shutil.copy2(item, tmp / item.name)
-        if (adapter_dir / CARD_DIR).is_dir():
-            shutil.copytree(adapter_dir / CARD_DIR, tmp / CARD_DIR)
+        if (adapter_dir / RunDir.CARD_IMAGES).is_dir():
+            shutil.copytree(adapter_dir / RunDir.CARD_IMAGES, tmp / RunDir.CARD_IMAGES)
         return _finish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import time
-import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,15 @@ from studio.core.config import ConfigError, RunConfig, parse_gpu_ids
 from studio.core.errors import ExitCode, StudioError
 from studio.core.procs import process_alive, process_start_token
 from studio.core.store import Run, RunNotFound, RunStatus, Store, Sweep
-from studio.core.workspace import db_path, ensure_home, runs_dir, studio_home
+from studio.core.workspace import (
+    RunDir,
+    checkpoint_problem,
+    checkpoint_step,
+    db_path,
+    ensure_home,
+    runs_dir,
+    studio_home,
+)
 from studio.runs.sweep import (
     Pick,
     SweepError,
@@ -51,11 +58,6 @@ from studio.training.launch import (
     request_problems,
     visible_gpus,
 )
-from studio.training.loop import checkpoint_step, list_checkpoints
-
-CONFIG_FILE = "config.yaml"
-LOG_FILE = "log.txt"
-CHECKPOINT_FILES = ("adapter_model.safetensors", "trainer_state.json", "optimizer.pt")
 
 
 def min_free_bytes() -> int:
@@ -73,28 +75,6 @@ class JobError(StudioError, RuntimeError):
     exit_code = ExitCode.FAILED
 
 
-def checkpoint_problem(path: Path) -> str | None:
-    """Why a checkpoint cannot be resumed from (missing or unreadable parts), or None if it is whole."""
-    path = Path(path)
-    missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
-    if missing:
-        return f"{', '.join(missing)} missing"
-    try:
-        json.loads((path / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return "trainer_state.json is not valid JSON"
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
-            list(f.keys())
-    except Exception:  # noqa: BLE001 - safetensors raises several types for a damaged file
-        return "adapter_model.safetensors is unreadable"
-    if not zipfile.is_zipfile(path / "optimizer.pt"):  # torch.save writes a zip archive
-        return "optimizer.pt is truncated or corrupt"
-    return None
-
-
 def model_problems(config: RunConfig, known: list[str] | tuple[str, ...] = ()) -> list[str]:
     """What is wrong with the model and its LoRA targets, found from the model's config alone (no weights),
     so a bad path, an unreachable hub id or a missing layer is refused before a run exists."""
@@ -104,12 +84,11 @@ def model_problems(config: RunConfig, known: list[str] | tuple[str, ...] = ()) -
         build_skeleton,
         bundled_gguf_path,
         bundled_model_ready,
-        expand_targets,
         is_bundled_source,
-        linear_layer_names,
         load_config,
         resolve_model,
     )
+    from studio.model.targets import linear_layer_names, target_problem
 
     if any(p.startswith("model.source") for p in known):
         return []  # already reported; nothing to resolve
@@ -134,14 +113,8 @@ def model_problems(config: RunConfig, known: list[str] | tuple[str, ...] = ()) -
             available = linear_layer_names(build_skeleton(model_config))
         except (ValueError, KeyError) as err:  # transformers: no causal-LM class for this config
             return [f"'{config.model.source}' is not a causal language model this version can train ({err})."]
-    targets = expand_targets(config.lora.target_modules, available)
-    missing = [t for t in targets if t not in available]
-    if missing or not targets:
-        return [
-            f"lora.target_modules: {', '.join(missing) or '(none)'} not found in this model. "
-            f"Its linear layers are: {', '.join(available)}; or use 'all-linear'."
-        ]
-    return []
+    problem = target_problem(config.lora.target_modules, available)
+    return [problem] if problem else []
 
 
 def missing_datasets(home: Path, config: RunConfig) -> list[str]:
@@ -192,7 +165,7 @@ def check_workspace(home: Path) -> None:
 
 def read_run_json(run: Run) -> dict | None:
     """RUN_DIR/adapter/run.json (written last by a completed run), or None when absent or unreadable."""
-    path = Path(run.adapter_dir or Path(run.run_dir) / "adapter") / "run.json"
+    path = RunDir.of(run).run_json
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -258,7 +231,7 @@ class JobManager:
         run_dir = self.run_dir(run_id)
         run_dir.mkdir(parents=True)
         try:
-            config.save(run_dir / CONFIG_FILE)
+            config.save(RunDir(run_dir).config)
             run = self.store.create_run(run_id, config.name or run_id, config.to_dict(), str(run_dir), sweep_id)
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -292,7 +265,7 @@ class JobManager:
         try:
             for _, config in plan:
                 run_id = self._new_run_dir(config.name)
-                config.save(self.run_dir(run_id) / CONFIG_FILE)
+                config.save(RunDir(self.run_dir(run_id)).config)
                 entries.append((run_id, config.name, config.to_dict(), str(self.run_dir(run_id))))
             sweep = self.store.create_sweep(
                 sweep_id, name, base.to_dict(), [p.to_dict() for p in params], scan_steps, entries
@@ -420,7 +393,7 @@ class JobManager:
             # One process sees only its GPU; a launched run passes the ids to accelerate (--gpu_ids).
             env[ASSIGNED_ENV] = devices
             env["CUDA_VISIBLE_DEVICES"] = devices
-        with open(run_dir / LOG_FILE, "ab") as log:  # its own session: closing the UI does not stop it
+        with open(RunDir(run_dir).log, "ab") as log:  # its own session: closing the UI does not stop it
             proc = procs.spawn(cmd, env, stdout=log, stderr=subprocess.STDOUT, text=False)
         self._children[proc.pid] = proc
         self.store.transition(
@@ -471,10 +444,10 @@ class JobManager:
 
     def checkpoints(self, run_id: str) -> list[tuple[Path, str | None]]:
         """Every checkpoint of a run, newest first, with why it cannot be used (None if it can)."""
-        return [(path, checkpoint_problem(path)) for path in list_checkpoints(self.run_dir(run_id))]
+        return [(path, checkpoint_problem(path)) for path in RunDir(self.run_dir(run_id)).checkpoint_dirs()]
 
     def resumable_checkpoint(self, run_id: str) -> Path | None:
-        return next((path for path, problem in self.checkpoints(run_id) if problem is None), None)
+        return RunDir(self.run_dir(run_id)).latest_checkpoint()
 
     def resume(self, run_id: str, checkpoint: str | None = None) -> Run:
         """Queue a stopped run again, continuing from its newest complete checkpoint (or the one named)."""
@@ -484,7 +457,7 @@ class JobManager:
         found = self.checkpoints(run_id)
         usable = [p.name for p, problem in found if problem is None]
         if checkpoint:
-            path = self.run_dir(run_id) / "checkpoints" / Path(checkpoint).name
+            path = RunDir(self.run_dir(run_id)).checkpoints / Path(checkpoint).name
             problem = checkpoint_problem(path) if path.is_dir() else "it does not exist"
             if problem:
                 raise JobError(
@@ -542,7 +515,7 @@ class JobManager:
             time.sleep(poll)
 
     def log_tail(self, run_id: str, lines: int = 40) -> str:
-        path = self.run_dir(run_id) / LOG_FILE
+        path = RunDir(self.run_dir(run_id)).log
         if not path.is_file():
             return ""
         with open(path, "rb") as f:

@@ -35,8 +35,8 @@ from studio.core.allocator import choose_allocator, loaded_allocator
 from studio.core.config import ConfigError, RunConfig, parse_gpu_ids
 from studio.core.procs import child_pids, process_start_token
 from studio.core.store import IllegalTransition, RunStatus, Store
-from studio.core.workspace import db_path, studio_home
-from studio.runs.queue import CONFIG_FILE, SPAWNED_ENV, JobManager, missing_datasets
+from studio.core.workspace import RunDir, db_path, studio_home
+from studio.runs.queue import SPAWNED_ENV, JobManager, missing_datasets
 from studio.training.launch import (
     ASSIGNED_ENV,
     RankInfo,
@@ -198,7 +198,7 @@ def report_failure(store: Store | None, run_id: str, run_dir: Path, err: BaseExc
 def mark_failed(store: Store, run_id: str, run_dir: Path, message: str) -> bool:
     """The run failed: the message, with the last log lines, as its error and an event. False when another
     process of the run has already reported how it ended (the first word stands)."""
-    log_tail = _tail(run_dir / "log.txt")
+    log_tail = _tail(RunDir(run_dir).log)
     error = message + (f"\n\n--- last log lines ---\n{log_tail}" if log_tail else "")
     try:
         store.transition(run_id, RunStatus.FAILED, error=error)
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"=== run {run_id} started {time.strftime('%Y-%m-%d %H:%M:%S')} (pid {os.getpid()})", flush=True)
     code = 0
     try:
-        config = RunConfig.load(run_dir / CONFIG_FILE)
+        config = RunConfig.load(RunDir(run_dir).config)
         if config.model.trust_remote_code:
             sink.event(
                 "trust_remote_code is on: this run executes Python code shipped with the model "
@@ -364,7 +364,7 @@ def join(config: RunConfig, home: Path, machine_rank: int) -> int:
     resolve_model(config.model.source)
     run_dir = home / "joined" / f"{config.name or 'run'}-machine-{machine_rank}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True)
-    config.save(run_dir / CONFIG_FILE)
+    config.save(RunDir(run_dir).config)
     cmd = launch_command(config, run_dir, config.distribution.device_ids())
     print(f"Joining as machine {machine_rank} of {config.distribution.num_machines}:", flush=True)
     print(f"  {typed_line(cmd)}", flush=True)
@@ -398,7 +398,7 @@ def rank_main(run_dir: Path, home: Path, rank: RankInfo) -> int:
     try:
         from studio.training.loop import run_training
 
-        config = RunConfig.load(run_dir / CONFIG_FILE)
+        config = RunConfig.load(RunDir(run_dir).config)
         result = run_training(config, run_dir, sink, stop.is_set, resume_from=resume_from, home=home)
         if store is not None and rank.main:
             record_result(store, home, run_id, result, sink)

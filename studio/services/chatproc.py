@@ -31,7 +31,7 @@ from typing import Any
 from studio.core import procs
 from studio.core.errors import ExitCode, StudioError
 from studio.core.procs import exit_description, rss_mb
-from studio.core.workspace import studio_home
+from studio.core.workspace import RunDir, studio_home
 from studio.services.chat import BASE, GenerationSettings, final_text
 
 ROLES = ("system", "user", "assistant")
@@ -364,8 +364,11 @@ class _Server:
     def op_add_adapter(self, req: dict[str, Any]) -> list[str]:
         session = self.loaded()
         name, path = req["name"], Path(req["path"])
-        if not (path / "adapter_config.json").is_file():
-            raise ChatError(f"'{path}' is not an adapter folder (it has no adapter_config.json).")
+        if not RunDir.is_adapter(path):
+            raise ChatError(
+                f"'{path}' is not an adapter folder (it needs {RunDir.ADAPTER_CONFIG} and "
+                f"{' or '.join(RunDir.ADAPTER_WEIGHTS)})."
+            )
         try:
             session.add_adapter(name, path)
         except RuntimeError as err:  # size mismatches: an adapter trained on another base model

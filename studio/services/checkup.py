@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from studio.core.store import Run, RunStatus, Store
-from studio.core.workspace import datasets_dir, db_path, ensure_home, runs_dir, studio_home
+from studio.core.store import RunStatus, Store
+from studio.core.workspace import RunDir, datasets_dir, db_path, ensure_home, runs_dir, studio_home
 
 TRASH = "trash"
 TEMP_PREFIXES = (".tmp", ".export-", ".convert-", ".adding-", ".removing-", ".write-test-")
@@ -32,18 +32,6 @@ class Finding:
 
     def describe(self) -> str:
         return f"[{self.kind}] {self.subject}: {self.detail} Fix: {self.fix}"
-
-
-def _adapter_complete(path: Path) -> bool:
-    return (path / "adapter_config.json").is_file() and any(
-        (path / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")
-    )
-
-
-def _adapter_path(run: Run) -> Path:
-    from studio.training.loop import ADAPTER_DIR
-
-    return Path(run.adapter_dir) if run.adapter_dir else Path(run.run_dir) / ADAPTER_DIR
 
 
 # -- checks: each a small function of (home, store) -> findings ----------------------------------------
@@ -101,28 +89,26 @@ def check_completed_adapters(home: Path, store: Store) -> list[Finding]:
         Finding(
             "missing-adapter",
             run.id,
-            f"completed, but its adapter files are missing from {_adapter_path(run)}.",
+            f"completed, but its adapter files are missing from {RunDir.of(run).adapter}.",
             "mark it failed with the reason; its checkpoints stay, so `studio resume` can finish it",
             True,
         )
         for run in store.list_runs(RunStatus.COMPLETED)
-        if Path(run.run_dir).is_dir() and not _adapter_complete(_adapter_path(run))
+        if Path(run.run_dir).is_dir() and not RunDir.of(run).has_adapter()
     ]
 
 
 def check_queued_configs(home: Path, store: Store) -> list[Finding]:
-    from studio.runs.queue import CONFIG_FILE
-
     return [
         Finding(
             "queued-no-config",
             run.id,
-            f"queued, but {CONFIG_FILE} is missing from its directory; its worker would fail at once.",
-            f"write {CONFIG_FILE} again from the copy kept in the run store",
+            f"queued, but {RunDir.CONFIG} is missing from its directory; its worker would fail at once.",
+            f"write {RunDir.CONFIG} again from the copy kept in the run store",
             True,
         )
         for run in store.queued_runs()
-        if Path(run.run_dir).is_dir() and not (Path(run.run_dir) / CONFIG_FILE).is_file()
+        if Path(run.run_dir).is_dir() and not RunDir.of(run).config.is_file()
     ]
 
 
@@ -268,11 +254,10 @@ def _do_repairone(home: Path, finding: Finding, store: Store, trash: Path) -> st
         return f"marked {subject} failed (adapter missing); resume it with `studio resume {subject}`"
     if kind == "queued-no-config":
         from studio.core.config import RunConfig
-        from studio.runs.queue import CONFIG_FILE
 
         run = store.get_run(subject)
-        RunConfig.from_dict(run.config).save(Path(run.run_dir) / CONFIG_FILE)
-        return f"wrote {CONFIG_FILE} of {subject} again from the run store"
+        RunConfig.from_dict(run.config).save(RunDir.of(run).config)
+        return f"wrote {RunDir.CONFIG} of {subject} again from the run store"
     raise ValueError(f"no repair for {kind}")
 
 

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from studio.core.config import ConfigError, RunConfig
+from studio.core.fsutil import atomic_write_json
+from studio.core.workspace import RunDir
 
-DATA_FACTS_FILE = "data_facts.json"
 SEVERITIES = ("critical", "warning", "info")  # most severe first
 
 # Divergence. A loss that turns NaN/inf never comes back. A loss above twice the starting loss (and at least
@@ -500,16 +501,13 @@ def _by_severity(advice: list[Advice]) -> list[Advice]:
 def read_data_facts(run_dir: Path) -> DataFacts | None:
     """RUN_DIR/data_facts.json, or None when the run has not got that far (or wrote something unreadable)."""
     try:
-        return DataFacts.from_dict(json.loads((Path(run_dir) / DATA_FACTS_FILE).read_text()))
+        return DataFacts.from_dict(json.loads(RunDir(run_dir).data_facts.read_text()))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
 def write_data_facts(run_dir: Path, facts: DataFacts) -> None:
-    path = Path(run_dir) / DATA_FACTS_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(facts.to_dict(), indent=2))
-    tmp.replace(path)  # readers (the UI's timer) never see half a file
+    atomic_write_json(RunDir(run_dir).data_facts, facts.to_dict())  # the UI's timer never reads half
 
 
 def advice_for_run(store: Any, run: Any) -> list[Advice]:

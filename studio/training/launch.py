@@ -21,11 +21,12 @@ from typing import Any
 
 from studio.core.config import RunConfig, parse_gpu_ids
 from studio.core.errors import ExitCode, StudioError
+from studio.core.fsutil import atomic_write_json
+from studio.core.workspace import RunDir
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 GPUS_ENV = "STUDIO_GPUS"  # the GPU inventory the queue may hand out ("0,1", or "none"); default: all visible
 ASSIGNED_ENV = "STUDIO_ASSIGNED_GPUS"  # set by the queue on a worker: the physical ids it was given
-RANKS_DIR = "ranks"  # RUN_DIR/ranks/rank-N.json: what each process did, written at its end
 
 
 class DistributedError(StudioError, RuntimeError):
@@ -210,18 +211,13 @@ class RankReport:
 
 
 def write_rank_report(run_dir: Path, report: RankReport) -> Path:
-    folder = Path(run_dir) / RANKS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"rank-{report.rank}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(report), indent=2))
-    tmp.replace(path)
-    return path
+    """RUN_DIR/ranks/rank-N.json: what this process did, written at its end."""
+    return atomic_write_json(RunDir(run_dir).rank_report(report.rank), asdict(report))
 
 
 def read_rank_reports(run_dir: Path) -> list[RankReport]:
     out = []
-    for path in sorted((Path(run_dir) / RANKS_DIR).glob("rank-*.json")):
+    for path in RunDir(run_dir).rank_reports():
         try:
             out.append(RankReport(**json.loads(path.read_text())))
         except (OSError, ValueError, TypeError):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import math
 import random
 import resource
@@ -20,15 +19,16 @@ from typing import Any, Protocol
 
 from studio.core.config import BNB_OPTIMIZERS, SHARDING, RunConfig, device_problems
 from studio.core.errors import ExitCode, StudioError
+from studio.core.fsutil import atomic_write_json
+from studio.core.workspace import RunDir, checkpoint_step
 from studio.model.loading import (
     ResolvedModel,
     detect_device,
-    expand_targets,
-    linear_layer_names,
     load_model,
     load_tokenizer,
     resolve_model,
 )
+from studio.model.targets import expand_targets, linear_layer_names, target_problem
 from studio.training.coach import (
     Advice,
     DataFacts,
@@ -52,8 +52,6 @@ from studio.training.launch import (
 
 HELD_OUT = "held_out"  # marks eval rows for the collator
 IGNORE = -100
-ADAPTER_DIR = "adapter"
-CHECKPOINTS_DIR = "checkpoints"
 
 
 class TrainingError(StudioError, RuntimeError):
@@ -243,13 +241,10 @@ def lora_config(config: RunConfig, available: list[str]):
     from peft import LoraConfig
 
     spec = config.lora
+    problem = target_problem(spec.target_modules, available)
+    if problem:
+        raise TrainingError(problem)
     targets = expand_targets(spec.target_modules, available)
-    missing = [t for t in targets if t not in available]
-    if missing or not targets:
-        raise TrainingError(
-            f"Target module(s) {', '.join(missing) or '(none)'} not found in this model. "
-            f"Its linear layers are: {', '.join(available)}; or use 'all-linear'."
-        )
     init: bool | str = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}[spec.init]
     return LoraConfig(
         r=spec.r,
@@ -366,7 +361,7 @@ def _training_args(config: RunConfig, run_dir: Path, device: str, has_eval: bool
     t = config.train
     optim, _ = resolve_optimizer(t.optimizer, device, bnb_available())
     return TrainingArguments(
-        output_dir=str(run_dir / CHECKPOINTS_DIR),
+        output_dir=str(RunDir(run_dir).checkpoints),
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
@@ -561,7 +556,7 @@ def _drop_checkpoints_after(run_dir: Path, step: int) -> list[str]:
     """Remove checkpoints saved at or after `step`: they hold a diverged state, and resuming from one would
     only diverge again."""
     dropped = []
-    for path in list_checkpoints(run_dir):
+    for path in RunDir(run_dir).checkpoint_dirs():
         if checkpoint_step(path) >= step:
             shutil.rmtree(path, ignore_errors=True)
             dropped.append(path.name)
@@ -602,9 +597,7 @@ def write_run_json(path: Path, config: RunConfig, model: ResolvedModel, result: 
         "config": config.to_dict(),
         **result,
     }
-    tmp = path / "run.json.tmp"
-    tmp.write_text(json.dumps(body, indent=2))
-    tmp.replace(path / "run.json")
+    atomic_write_json(path / RunDir.RUN_JSON, body)
 
 
 def run_training(
@@ -702,7 +695,7 @@ def run_training(
     final_loss = float(losses[-1]) if losses else _num(output.training_loss)
     if callback.diverged is not None:
         raise TrainingError(_divergence_message(callback.diverged, step, run_dir, callback.points))
-    checkpoint = _latest_checkpoint(run_dir)
+    checkpoint = RunDir(run_dir).latest_checkpoint()
     if callback.aborted:
         if rank.distributed:
             write_rank_report(run_dir, _rank_report(rank, trainer, counter, model))
@@ -721,7 +714,7 @@ def run_training(
     early = _early_stop_summary(callback, sink)
     if rank.distributed:  # after early stopping put the best weights back: these are what is saved
         write_rank_report(run_dir, _rank_report(rank, trainer, counter, model))
-    adapter_dir = run_dir / ADAPTER_DIR
+    adapter_dir = RunDir(run_dir).adapter
     if config.distribution.strategy in SHARDING and rank.distributed:
         trainer.save_model(str(adapter_dir))  # every process hands in its shard; the main one writes
     elif rank.main:
@@ -765,7 +758,7 @@ def _divergence_message(advice: Advice, step: int, run_dir: Path, points: list) 
     last healthy log on hold weights that already produced the bad losses, so they go."""
     healthy = [p.step for p in points if p.loss is not None and p.step < (advice.step or step)]
     dropped = _drop_checkpoints_after(run_dir, healthy[-1] if healthy else 0)
-    kept = _latest_checkpoint(run_dir)
+    kept = RunDir(run_dir).latest_checkpoint()
     after = (
         f"Removed {', '.join(dropped)} (saved after the trouble began). " if dropped else "Nothing diverged was saved. "
     )
@@ -798,32 +791,3 @@ def _early_stop_summary(callback, sink: MetricSink) -> dict[str, Any]:
             "adapter_is_best": restored is not None,
         }
     }
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoints of a run, newest (highest step) first."""
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
-
-
-def checkpoint_is_complete(path: Path) -> bool:
-    """A resumable checkpoint has the adapter weights, the optimizer and the trainer state."""
-    return all((path / f).is_file() for f in ("adapter_model.safetensors", "trainer_state.json", "optimizer.pt"))
-
-
-def _latest_checkpoint(run_dir: Path) -> Path | None:
-    for path in list_checkpoints(run_dir):
-        if checkpoint_is_complete(path):
-            return path
-    return None
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    return _latest_checkpoint(run_dir)
-
-
-def checkpoint_step(path: Path) -> int:
-    return int(Path(path).name.split("-")[-1])

@@ -18,6 +18,7 @@ import gradio as gr
 
 from studio.core.config import QUANT_MODES
 from studio.core.store import RunNotFound, RunStatus, Store
+from studio.core.workspace import RunDir
 from studio.model.loading import BUNDLED, DTYPES
 from studio.services.chat import BASE, GenerationSettings
 from studio.services.chatproc import ChatError, ChatProcess
@@ -59,16 +60,12 @@ class RunAdapter:
     base_source: str  # the base model the run trained on
 
 
-def has_adapter(adapter_dir: str | None) -> bool:
-    return bool(adapter_dir) and (Path(adapter_dir) / "adapter_config.json").is_file()
-
-
 def adapter_choices(store: Store) -> list[tuple[str, str]]:
     """(label, run id) for every completed run whose adapter is on disk, newest first."""
     return [
         (f"{run.name} ({run.id})", run.id)
         for run in store.list_runs(RunStatus.COMPLETED)
-        if has_adapter(run.adapter_dir)
+        if RunDir.is_adapter(run.adapter_dir)
     ]
 
 
@@ -84,7 +81,7 @@ def run_adapter(store: Store, run_id: str) -> RunAdapter:
         raise ChatUIError(
             f"Run '{run_id}' is {run.status.value}; only a completed run has a final adapter to chat with."
         )
-    if not has_adapter(run.adapter_dir):
+    if not RunDir.is_adapter(run.adapter_dir):
         raise ChatUIError(f"Run '{run_id}' has no adapter on disk (looked in {run.adapter_dir}); was it deleted?")
     source = str((run.config.get("model") or {}).get("source") or BUNDLED)
     return RunAdapter(run.id, str(run.adapter_dir), source)

@@ -8,12 +8,12 @@ functions of a UIContext and plain values; `build` only wires them.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
 from studio.core.store import RunNotFound, RunStatus
+from studio.core.workspace import RunDir
 from studio.reports.evaluate import (
     EVAL_TIMEOUT_S,
     VALIDATION,
@@ -36,7 +36,7 @@ def evaluable_runs(ctx: UIContext) -> list[tuple[str, str]]:
     """(label, run id) for completed runs that have a final adapter, newest first."""
     out = []
     for run in ctx.jobs.store.list_runs(RunStatus.COMPLETED):
-        if run.adapter_dir and (Path(run.adapter_dir) / "adapter_config.json").is_file():
+        if RunDir.is_adapter(run.adapter_dir):
             out.append((f"{run.name} ({run.id})", run.id))
     return out
 

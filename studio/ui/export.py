@@ -17,6 +17,7 @@ import pandas as pd
 
 from studio.core.allocator import child_env
 from studio.core.store import RunStatus
+from studio.core.workspace import RunDir
 from studio.ui.common import UIContext
 
 EXPORT_TIMEOUT_S = 1800
@@ -27,7 +28,7 @@ def exportable_runs(ctx: UIContext) -> list[tuple[str, str]]:
     """(label, run id) for completed runs that have a final adapter, newest first."""
     out = []
     for run in ctx.jobs.store.list_runs(RunStatus.COMPLETED):
-        if run.adapter_dir and (Path(run.adapter_dir) / "adapter_config.json").is_file():
+        if RunDir.is_adapter(run.adapter_dir):
             out.append((f"{run.name} ({run.id})", run.id))
     return out
 

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 import yaml
 
 from studio.core.store import Run, RunNotFound, iso
-from studio.runs.queue import CONFIG_FILE, JobError
+from studio.core.workspace import RunDir
+from studio.runs.queue import JobError
 from studio.ui import charts
 from studio.ui.common import UIContext, coach_markdown, error_message
 from studio.ui.train import format_duration
@@ -77,7 +77,7 @@ def run_config_yaml(ctx: UIContext, run_id: str | None) -> str:
         run = ctx.jobs.store.get_run(run_id)
     except RunNotFound as err:
         return f"# {err}"
-    path = Path(run.run_dir) / CONFIG_FILE
+    path = RunDir.of(run).config
     if path.is_file():
         return f"# studio train {path}\n" + path.read_text()
     return yaml.safe_dump(run.config, sort_keys=False)

@@ -308,7 +308,7 @@ def target_group_of(targets: str | list[str]) -> str:
 def form_from_config(cfg: RunConfig, layers: Sequence[str] | None = None) -> list[Any]:
     """RunConfig -> widget values in FORM_KEYS order. `layers` (the model's linear layers) lets a named
     target group show as the ticked layers it stands for."""
-    from studio.model.loading import expand_targets
+    from studio.model.targets import expand_targets
 
     flat = {}
     for key in CONFIG_FIELDS:
@@ -410,14 +410,14 @@ def params_from_form(*values: Any) -> str:
 
 def group_targets(group: str, layers: Sequence[str], current: Sequence[str]) -> list[str]:
     """The layers a picked group stands for; 'custom' keeps the user's ticks."""
-    from studio.model.loading import expand_targets
+    from studio.model.targets import expand_targets
 
     return list(current or []) if group == CUSTOM else expand_targets(group, list(layers))
 
 
 def group_for_targets(targets: Sequence[str], layers: Sequence[str]) -> str:
     """A hand-picked set that equals a named group is that group (so the YAML stays portable)."""
-    from studio.model.loading import expand_targets
+    from studio.model.targets import expand_targets
 
     for group in TARGET_GROUPS:
         expanded = expand_targets(group, list(layers))
@@ -744,7 +744,7 @@ def format_duration(seconds: float | None) -> str:
 
 
 def _resume_step(run: Run) -> int:
-    from studio.training.loop import checkpoint_step
+    from studio.core.workspace import checkpoint_step
 
     try:
         return checkpoint_step(Path(run.resume_from)) if run.resume_from else 0

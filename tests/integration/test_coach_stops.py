@@ -14,8 +14,8 @@ import pytest
 
 from studio.core.config import RunConfig
 from studio.core.store import RunStatus
-from studio.training.coach import DATA_FACTS_FILE, advice_for_run
-from studio.training.loop import checkpoint_step, list_checkpoints
+from studio.core.workspace import RunDir, checkpoint_step
+from studio.training.coach import advice_for_run
 from tests.builders import small_run_config
 
 pytestmark = pytest.mark.integration
@@ -44,13 +44,14 @@ def test_an_exploding_loss_stops_the_run_as_failed_with_the_fix(jobs, bundled_mo
     (advice, *_) = advice_for_run(jobs.store, done)
     assert advice.rule == "exploding" and advice.severity == "critical" and "train.learning_rate" in advice.fix
     # No checkpoint of the diverged state survives: every one left predates the loss at advice.step.
-    assert all(checkpoint_step(p) < advice.step - 1 for p in list_checkpoints(run_dir)), list_checkpoints(run_dir)
+    left = RunDir(run_dir).checkpoint_dirs()
+    assert all(checkpoint_step(p) < advice.step - 1 for p in left), left
     metrics = [m for m in jobs.store.metrics(run.id) if m.loss is not None]
     assert max(m.loss for m in metrics) > 2 * metrics[0].loss  # it really blew up
 
     events = jobs.store.events(run.id)
     assert any(e.level == "error" and e.message.startswith("Stopping the run: The loss is exploding") for e in events)
-    facts = json.loads((run_dir / DATA_FACTS_FILE).read_text())
+    facts = json.loads(RunDir(run_dir).data_facts.read_text())
     assert facts["samples"] == 72 and facts["cutoff_len"] == 64 and 0 < facts["truncated_share"] < 1
 
 

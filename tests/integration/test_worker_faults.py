@@ -13,8 +13,8 @@ import pytest
 from studio.core.config import RunConfig
 from studio.core.procs import process_alive
 from studio.core.store import RunStatus
+from studio.core.workspace import RunDir, checkpoint_step
 from studio.runs.queue import JobManager
-from studio.training.loop import checkpoint_step, latest_checkpoint
 from tests.builders import small_run_config
 
 pytestmark = pytest.mark.integration
@@ -43,7 +43,7 @@ def test_sigterm_saves_a_checkpoint_and_aborts(jobs, tiny_model_dir):
     os.kill(jobs.store.get_run(run.id).pid, signal.SIGTERM)
     done = jobs.wait(run.id, timeout=120)
     assert done.status == RunStatus.ABORTED, done.error
-    ckpt = latest_checkpoint(jobs.run_dir(run.id))
+    ckpt = RunDir(jobs.run_dir(run.id)).latest_checkpoint()
     assert ckpt is not None and checkpoint_step(ckpt) >= 3
     assert checkpoint_step(ckpt) == done.step  # saved exactly where it stopped, not at the last save_steps
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), ckpt)
@@ -53,7 +53,9 @@ def test_sigterm_saves_a_checkpoint_and_aborts(jobs, tiny_model_dir):
 
 def test_sigkill_is_marked_interrupted_and_resume_continues_the_curve(jobs, home, tiny_model_dir):
     run = jobs.submit(tiny_config(tiny_model_dir, max_steps=60))
-    wait_for(lambda: latest_checkpoint(jobs.run_dir(run.id)) is not None and jobs.store.get_run(run.id).step >= 12)
+    wait_for(
+        lambda: RunDir(jobs.run_dir(run.id)).latest_checkpoint() is not None and jobs.store.get_run(run.id).step >= 12
+    )
     pid = jobs.store.get_run(run.id).pid
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: not process_alive(pid))

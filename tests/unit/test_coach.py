@@ -11,8 +11,8 @@ import pytest
 
 from studio.core.config import RunConfig
 from studio.core.store import Metric, RunStatus, Store
+from studio.core.workspace import RunDir
 from studio.training.coach import (
-    DATA_FACTS_FILE,
     Advice,
     DataFacts,
     Point,
@@ -302,7 +302,7 @@ def test_advice_for_a_run_in_the_store(tmp_path):
         store.log_metrics("r1", step, loss=loss, learning_rate=0.9, memory_mb=10.0)
     assert [a.rule for a in advice_for_run(store, store.get_run("r1"))] == ["diverged"]
     assert read_data_facts(run_dir) is None  # not written yet: the data rules stay quiet
-    (run_dir / DATA_FACTS_FILE).write_text(json.dumps(facts(truncated_share=0.3).to_dict()))
+    RunDir(run_dir).data_facts.write_text(json.dumps(facts(truncated_share=0.3).to_dict()))
     store.transition("r1", RunStatus.FAILED, error="diverged")
     found = advice_for_run(store, store.get_run(run.id))
     assert [a.rule for a in found] == ["diverged", "heavy_truncation"]
@@ -323,20 +323,24 @@ def test_early_stopping_needs_a_validation_split():
 
 
 def test_a_stopped_run_loses_the_checkpoints_of_its_diverged_state(tmp_path):
-    from studio.training.loop import _divergence_message, list_checkpoints
+    from studio.training.loop import _divergence_message
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int) -> None:  # a whole one: readable weights, trainer state and optimizer archive
+        import torch
+        from safetensors.torch import save_file
+
         path = tmp_path / "checkpoints" / f"checkpoint-{step}"
         path.mkdir(parents=True)
-        for name in ("adapter_model.safetensors", "trainer_state.json", "optimizer.pt"):
-            (path / name).write_text("x")
+        save_file({"w": torch.zeros(1)}, str(path / "adapter_model.safetensors"))
+        (path / "trainer_state.json").write_text("{}")
+        torch.save({}, path / "optimizer.pt")
 
     for step in (2, 4, 6):
         checkpoint(step)
     points = curve([2.7, 3.2, 15.2, 34.8, 19.7, 36.2])
     message = _divergence_message(exploding(points), 6, tmp_path, points)
     # loss 15.2 at step 3 came from the weights after step 2: checkpoint-2 is already broken
-    assert [p.name for p in list_checkpoints(tmp_path)] == []
+    assert [p.name for p in RunDir(tmp_path).checkpoint_dirs()] == []
     assert message.startswith("Stopped at step 6 because the loss is exploding")
     assert "checkpoint-2" in message and "train.learning_rate" in message
     checkpoint(1)

@@ -14,9 +14,9 @@ import pytest
 from studio.cli.doctor import run_doctor
 from studio.core.config import RunConfig
 from studio.core.store import RunStatus, Store
-from studio.core.workspace import db_path
+from studio.core.workspace import RunDir, db_path
 from studio.data import DatasetRegistry
-from studio.runs.queue import CONFIG_FILE, JobManager
+from studio.runs.queue import JobManager
 from studio.services import checkup as doctor
 
 ALPACA = '{"instruction": "Say hi", "output": "hi"}\n{"instruction": "Say yo", "output": "yo"}\n'
@@ -35,7 +35,7 @@ def make_run(home: Path, store: Store, run_id: str, status: RunStatus, with_dir:
     run_dir = home / "runs" / run_id
     if with_dir:
         run_dir.mkdir()
-        cfg.save(run_dir / CONFIG_FILE)
+        cfg.save(RunDir(run_dir).config)
     store.create_run(run_id, run_id, cfg.to_dict(), str(run_dir))
     if status == RunStatus.QUEUED:
         return run_dir
@@ -138,10 +138,10 @@ def test_completed_run_without_adapter_is_failed_and_resumable(home, store, monk
 
 def test_queued_run_without_config_gets_it_back_from_the_store(home, store):
     run_dir = make_run(home, store, "noconfig", RunStatus.QUEUED)
-    (run_dir / CONFIG_FILE).unlink()
+    (RunDir(run_dir).config).unlink()
     assert kinds(home) == [("queued-no-config", "noconfig")]
     doctor.repair(home, doctor.check(home))
-    assert RunConfig.load(run_dir / CONFIG_FILE) == RunConfig.from_dict(store.get_run("noconfig").config)
+    assert RunConfig.load(RunDir(run_dir).config) == RunConfig.from_dict(store.get_run("noconfig").config)
     assert doctor.check(home) == []
 
 

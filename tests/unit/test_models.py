@@ -6,12 +6,11 @@ from studio.model.loading import (
     ModelError,
     build_skeleton,
     count_lora_parameters,
-    expand_targets,
     inspect_model,
-    linear_layer_names,
     load_config,
     resolve_model,
 )
+from studio.model.targets import expand_targets, linear_layer_names
 
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -33,6 +33,7 @@ def make_run(store: Store, home: Path, run_id: str, status: RunStatus, adapter: 
     if adapter:
         adapter_dir.mkdir()
         (adapter_dir / "adapter_config.json").write_text("{}")
+        (adapter_dir / "adapter_model.safetensors").write_bytes(b"")
     store.transition(run_id, status, adapter_dir=str(adapter_dir) if status == RunStatus.COMPLETED else None)
 
 

@@ -9,7 +9,7 @@ import pytest
 from studio.core.presets import load_preset
 from studio.core.procs import process_start_token
 from studio.core.store import RunStatus
-from studio.runs.queue import LOG_FILE
+from studio.core.workspace import RunDir
 from studio.ui import runs as R
 from studio.ui import train as T
 from studio.ui.common import UIContext
@@ -65,7 +65,7 @@ def test_config_and_log_of_a_run(ctx):
     run_id = submit(ctx, "cfg")
     text = R.run_config_yaml(ctx, run_id)
     assert text.startswith("# studio train ") and (ctx.jobs.run_dir(run_id) / "config.yaml").read_text() in text
-    (ctx.jobs.run_dir(run_id) / LOG_FILE).write_text("one\ntwo\n")
+    RunDir(ctx.jobs.run_dir(run_id)).log.write_text("one\ntwo\n")
     assert R.run_log(ctx, run_id) == "one\ntwo"
     assert R.run_config_yaml(ctx, None) == "" and R.run_log(ctx, None) == ""
 

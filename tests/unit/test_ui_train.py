@@ -12,8 +12,8 @@ from studio.core.config import RunConfig
 from studio.core.presets import list_presets, load_preset
 from studio.core.procs import process_start_token
 from studio.core.store import Metric, RunStatus
+from studio.core.workspace import RunDir
 from studio.model.loading import inspect_model
-from studio.runs.queue import LOG_FILE
 from studio.ui import charts
 from studio.ui import train as T
 from studio.ui.common import UIContext
@@ -273,7 +273,7 @@ def test_failed_run_shows_its_error_and_last_log_lines(ctx):
     run_id = start_queued(ctx)
     mark_running(ctx, run_id, started_ago=5, step=3, total=40)
     log = "\n".join(f"line {i}" for i in range(30)) + "\nRuntimeError: boom"
-    (ctx.jobs.run_dir(run_id) / LOG_FILE).write_text(log)
+    RunDir(ctx.jobs.run_dir(run_id)).log.write_text(log)
     ctx.jobs.store.transition(run_id, RunStatus.FAILED, error="Out of memory. Lower train.batch_size.")
     view = T.watch(ctx, run_id)
     assert "**failed**" in view.status and "Out of memory. Lower train.batch_size." in view.status
