@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterable
 
 import yaml
 
 from studio.core.config import RunConfig, merge_dicts
+from studio.core.problems import Problem
 
 
 class UsageError(Exception):
@@ -20,8 +22,9 @@ def _fail(message: str, code: int = 2) -> int:
     return code
 
 
-def _one_line(problems: list[str]) -> str:
-    return "; ".join(problems)
+def _one_line(problems: Iterable[Problem | str]) -> str:
+    """Every problem's sentence, on one line."""
+    return "; ".join(map(str, problems))
 
 
 def _parse_set(pairs: list[str]) -> dict:

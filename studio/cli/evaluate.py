@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from studio.cli.common import _one_line
 from studio.core.config import ConfigError
 from studio.data import DataError
 from studio.model.loading import ModelError
@@ -88,7 +89,7 @@ def run_cli(args: argparse.Namespace, home: Path | None = None) -> int:
     try:
         report = evaluate_run(spec_from_args(args), home, progress=say)
     except ConfigError as err:
-        print(f"error: {'; '.join(err.problems)}", file=sys.stderr)
+        print(f"error: {_one_line(err.problems)}", file=sys.stderr)
         return 2
     except (EvalError, DataError, ModelError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)

@@ -8,6 +8,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from studio.cli.common import _one_line
 from studio.core.config import ConfigError, RunConfig
 from studio.core.store import Run, RunNotFound, RunStatus, SweepNotFound, iso
 from studio.runs.queue import JobError, JobManager
@@ -72,7 +73,7 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         return commands[args.sweep_action](args)
     except ConfigError as err:  # SweepError included
-        return _error("; ".join(err.problems), 2)
+        return _error(_one_line(err.problems), 2)
     except (UsageError, SweepNotFound, RunNotFound) as err:
         return _error(" ".join(str(err).split()), 2)
     except JobError as err:

@@ -24,6 +24,7 @@ from typing import Any
 
 from studio.core import procs
 from studio.core.config import ConfigError, RunConfig, parse_gpu_ids
+from studio.core.problems import Problem
 from studio.core.procs import process_alive, process_start_token
 from studio.core.store import Run, RunNotFound, RunStatus, Store, Sweep
 from studio.core.workspace import db_path, ensure_home, runs_dir, studio_home
@@ -92,7 +93,7 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
-def model_problems(config: RunConfig, known: list[str] | tuple[str, ...] = ()) -> list[str]:
+def model_problems(config: RunConfig, known: list[Problem] | tuple[Problem, ...] = ()) -> list[Problem]:
     """What is wrong with the model and its LoRA targets, found from the model's config alone (no weights),
     so a bad path, an unreachable hub id or a missing layer is refused before a run exists."""
     from studio.model.loading import (
@@ -108,7 +109,7 @@ def model_problems(config: RunConfig, known: list[str] | tuple[str, ...] = ()) -
         resolve_model,
     )
 
-    if any(p.startswith("model.source") for p in known):
+    if any(p.path == "model.source" for p in known):
         return []  # already reported; nothing to resolve
     available: list[str] | None = None
     if is_bundled_source(config.model.source) and not bundled_model_ready():
@@ -117,31 +118,40 @@ def model_problems(config: RunConfig, known: list[str] | tuple[str, ...] = ()) -
         try:
             bundled_gguf_path()
         except ModelError as err:
-            return [" ".join(str(err).split())]
+            return [Problem("model.source", " ".join(str(err).split()))]
         available = list(BUNDLED_LINEAR_LAYERS)
     else:
         try:
             model_config = load_config(resolve_model(config.model.source), config.model.trust_remote_code)
         except ModelError as err:
-            return [" ".join(str(err).split())]  # transformers' reasons span lines; a problem is one line
-    if any(p.startswith("lora.target_modules") for p in known):
+            # transformers' reasons span lines; a problem is one line
+            return [Problem("model.source", " ".join(str(err).split()))]
+    if any(p.path == "lora.target_modules" for p in known):
         return []
     if available is None:
         try:
             available = linear_layer_names(build_skeleton(model_config))
         except (ValueError, KeyError) as err:  # transformers: no causal-LM class for this config
-            return [f"'{config.model.source}' is not a causal language model this version can train ({err})."]
+            return [
+                Problem(
+                    "model.source",
+                    f"'{config.model.source}' is not a causal language model this version can train ({err}).",
+                )
+            ]
     targets = expand_targets(config.lora.target_modules, available)
     missing = [t for t in targets if t not in available]
     if missing or not targets:
         return [
-            f"lora.target_modules: {', '.join(missing) or '(none)'} not found in this model. "
-            f"Its linear layers are: {', '.join(available)}; or use 'all-linear'."
+            Problem(
+                "lora.target_modules",
+                f"lora.target_modules: {', '.join(missing) or '(none)'} not found in this model. "
+                f"Its linear layers are: {', '.join(available)}; or use 'all-linear'.",
+            )
         ]
     return []
 
 
-def missing_datasets(home: Path, config: RunConfig) -> list[str]:
+def missing_datasets(home: Path, config: RunConfig) -> list[Problem]:
     """A problem for each dataset the config names that this workspace has not registered."""
     from studio.data import DataError, DatasetRegistry
 
@@ -151,7 +161,8 @@ def missing_datasets(home: Path, config: RunConfig) -> list[str]:
         try:
             registry.get(name)
         except (DataError, KeyError):
-            missing.append(f"Dataset '{name}' is not registered. Register it first (studio datasets add).")
+            text = f"Dataset '{name}' is not registered. Register it first (studio datasets add)."
+            missing.append(Problem("data.datasets", text))
     return missing
 
 
@@ -360,14 +371,14 @@ class JobManager:
         except RunNotFound:  # deleted: a new long run may be started
             return None
 
-    def _device_problems(self, config: RunConfig, known: list[str]) -> list[str]:
+    def _device_problems(self, config: RunConfig, known: list[Problem]) -> list[Problem]:
         """A run asking for GPUs this queue does not have would wait forever: refused at submit."""
-        if any(p.startswith("distribution.devices") for p in known):
+        if any(p.path == "distribution.devices" for p in known):
             return []
         try:
             gpus = visible_gpus()
         except DistributedError as err:
-            return [str(err)]
+            return [Problem("", str(err))]
         return request_problems(device_request(config, bool(gpus)), gpus)
 
     # -- scheduling ---------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from studio.core.allocator import choose_allocator, loaded_allocator
 from studio.core.config import ConfigError, RunConfig, parse_gpu_ids
+from studio.core.problems import Problem
 from studio.core.procs import child_pids, process_start_token
 from studio.core.store import IllegalTransition, RunStatus, Store
 from studio.core.workspace import db_path, studio_home
@@ -355,9 +356,16 @@ def join(config: RunConfig, home: Path, machine_rank: int) -> int:
     config.distribution.machine_rank = machine_rank
     problems = config.validate()
     if not problems and config.distribution.num_machines < 2:
-        problems.append("distribution.num_machines is 1: there is no other machine to join.")
+        problems.append(
+            Problem("distribution.num_machines", "distribution.num_machines is 1: there is no other machine to join.")
+        )
     if not problems and machine_rank < 1:
-        problems.append("Machine 0 starts the run (studio train); the others join with --machine-rank 1, 2, ...")
+        problems.append(
+            Problem(
+                "distribution.machine_rank",
+                "Machine 0 starts the run (studio train); the others join with --machine-rank 1, 2, ...",
+            )
+        )
     problems += missing_datasets(home, config)
     if problems:
         raise ConfigError(problems)

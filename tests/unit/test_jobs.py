@@ -119,5 +119,6 @@ def test_queueing_a_bundled_run_does_not_wait_for_its_conversion(tmp_path, monke
     assert model_problems(cfg) == []
     cfg.lora.target_modules = ["q_proj", "qkv_proj"]
     (problem,) = model_problems(cfg)
-    assert "qkv_proj not found" in problem and "down_proj" in problem
+    assert problem.path == "lora.target_modules"
+    assert "qkv_proj not found" in str(problem) and "down_proj" in str(problem)
     assert not (cache / BUNDLED_DIRNAME).exists()
