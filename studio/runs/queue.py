@@ -215,7 +215,7 @@ def _no_pick_message(sweep_id: str, rows: list[SweepRow]) -> str:
     for row in rows:
         counts[row.status] = counts.get(row.status, 0) + 1
     states = ", ".join(f"{n} {status}" for status, n in counts.items())
-    if any(row.status in ("queued", "running") for row in rows):
+    if any(row.status in (RunStatus.QUEUED, RunStatus.RUNNING) for row in rows):
         return (
             f"No scan run of sweep {sweep_id} has completed yet ({states}); promote once one has "
             f"(watch with `studio sweep show {sweep_id}`)."

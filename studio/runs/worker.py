@@ -163,7 +163,7 @@ def write_card_quietly(home: Path, run_id: str, sink: StoreSink) -> None:
 
 def record_result(store: Store, home: Path, run_id: str, result, sink: StoreSink) -> None:
     """The run's final state from a finished training call: completed (with its card) or aborted."""
-    if result.status == "completed":
+    if result.status == RunStatus.COMPLETED:
         store.transition(
             run_id,
             RunStatus.COMPLETED,
