@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from studio.core.problems import Severity
+
 
 class DataError(Exception):
     """A problem with a dataset that the user can fix; the message is shown to them as is.
@@ -21,7 +23,7 @@ class RowError(DataError):
     """One row cannot be turned into an example. The reason does not name the row: the caller knows it."""
 
 
-SEVERITIES = ("error", "warning")
+SEVERITIES = (Severity.ERROR, Severity.WARNING)  # a bad row: refused (error) or skipped (warning)
 
 
 @dataclass(frozen=True)
@@ -30,11 +32,13 @@ class RowIssue:
 
     row: int
     reason: str
-    severity: str = "error"
+    severity: Severity = Severity.ERROR
 
     def __post_init__(self) -> None:
         if self.severity not in SEVERITIES:
-            raise ValueError(f"RowIssue severity must be one of {SEVERITIES}, got {self.severity!r}")
+            allowed = tuple(map(str, SEVERITIES))
+            raise ValueError(f"RowIssue severity must be one of {allowed}, got {self.severity!r}")
+        object.__setattr__(self, "severity", Severity(self.severity))
 
     def describe(self) -> str:
         where = "file" if self.row == 0 else f"row {self.row}"

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from studio.core.allocator import choose_allocator, loaded_allocator
 from studio.core.config import ConfigError, RunConfig, parse_gpu_ids
-from studio.core.problems import Problem
+from studio.core.problems import Problem, Severity
 from studio.core.procs import child_pids, process_start_token
 from studio.core.store import IllegalTransition, RunStatus, Store
 from studio.core.workspace import db_path, studio_home
@@ -146,7 +146,7 @@ def allocator_event(sink: StoreSink) -> None:
     else:
         wanted = choose_allocator()
         why = wanted.note or "it was not preloaded (the worker was started by hand?)"
-        sink.event(f"Memory allocator: glibc malloc ({why})", level="warning" if wanted.note else "info")
+        sink.event(f"Memory allocator: glibc malloc ({why})", level=Severity.WARNING if wanted.note else Severity.INFO)
 
 
 def write_card_quietly(home: Path, run_id: str, sink: StoreSink) -> None:
