@@ -1,6 +1,10 @@
+import dataclasses
+import json
+
 import pytest
 
 from studio.core.config import ConfigError, LoraSpec, RunConfig, merge_dicts
+from studio.core.problems import Problem, Severity, as_problem
 
 
 def good() -> RunConfig:
@@ -49,6 +53,26 @@ def test_check_raises_with_all_problems():
     with pytest.raises(ConfigError) as err:
         cfg.check()
     assert [p.path for p in err.value.problems] == ["lora.r", "data.datasets"]
+
+
+def test_a_problem_reads_as_one_sentence_and_names_its_field():
+    problem = Problem("lora.bias", "Bias training is not supported on a quantized base", "set lora.bias to 'none'.")
+    assert str(problem) == "Bias training is not supported on a quantized base: set lora.bias to 'none'."
+    assert f"- {problem}" == f"- {problem!s}" and str(Problem("", "No fix here.")) == "No fix here."
+    assert as_problem("A preset's sentence.") == Problem("", "A preset's sentence.") and as_problem(problem) is problem
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        problem.path = "lora.r"  # type: ignore[misc]
+
+
+def test_config_error_keeps_its_message_and_holds_problems():
+    err = ConfigError([Problem("lora.r", "lora.r is bad", "try 8."), "A bare sentence."])
+    assert str(err) == "Invalid run config:\n- lora.r is bad: try 8.\n- A bare sentence."
+    assert [p.path for p in err.problems] == ["lora.r", ""]
+
+
+def test_severity_values_are_the_words_written_out():
+    assert [str(s) for s in Severity] == ["critical", "error", "warning", "info"]
+    assert Severity.WARNING == "warning" and json.dumps({"s": Severity.INFO}) == '{"s": "info"}'
 
 
 def test_yaml_round_trip_is_exact():

@@ -41,9 +41,24 @@ def test_submit_refuses_unknown_dataset_and_leaves_nothing(home):
     jobs = JobManager(home)
     cfg = RunConfig()
     cfg.data.datasets = ["no-such-dataset"]
-    with pytest.raises(ConfigError, match="no-such-dataset"):
+    with pytest.raises(ConfigError, match="no-such-dataset") as err:
         jobs.submit(cfg, start=False)
+    assert [p.path for p in err.value.problems] == ["data.datasets"]
     assert list((home / "runs").iterdir()) == [] and jobs.store.list_runs() == []
+
+
+def test_submit_skips_the_checks_of_a_field_already_refused(home):
+    """An empty model.source is not resolved and bad distribution.devices are not matched against the
+    queue's GPUs: each field is named once, by the check that found it."""
+    jobs = JobManager(home)
+    cfg = RunConfig()
+    cfg.model.source = " "
+    cfg.data.datasets = ["no-such-dataset"]
+    cfg.distribution.devices = "0,0"
+    with pytest.raises(ConfigError) as err:
+        jobs.submit(cfg, start=False)
+    assert [p.path for p in err.value.problems] == ["model.source", "distribution.devices", "data.datasets"]
+    assert list((home / "runs").iterdir()) == []
 
 
 def test_queued_run_abort_and_resume_rules(home):

@@ -288,6 +288,7 @@ def test_unknown_datasets_and_layers_are_refused_before_anything_is_queued(jobs,
     params = [parse_param("lora.target_modules=q_proj|no_such_proj")]
     with pytest.raises(SweepError) as err:
         jobs.submit_sweep(base, params, 50, "scan")
+    assert [p.path for p in err.value.problems] == ["data.datasets", "lora.target_modules"]
     text = str(err.value)
     assert "Dataset 'nope' is not registered" in text and "no_such_proj not found in this model" in text
     assert jobs.store.list_runs() == [] and list((home / "runs").iterdir()) == []
