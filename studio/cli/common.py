@@ -6,13 +6,14 @@ from __future__ import annotations
 import functools
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import yaml
 
 from studio.core.config import RunConfig, merge_dicts
 from studio.core.errors import StudioError
+from studio.core.problems import Problem
 
 
 class UsageError(StudioError):
@@ -38,8 +39,9 @@ def exits_cleanly(command: Callable[..., int]) -> Callable[..., int]:
     return run
 
 
-def _one_line(problems: list[str]) -> str:
-    return "; ".join(problems)
+def _one_line(problems: Iterable[Problem | str]) -> str:
+    """Every problem's sentence, on one line."""
+    return "; ".join(map(str, problems))
 
 
 def _parse_set(pairs: list[str]) -> dict:

@@ -1,7 +1,7 @@
 """Typed run configuration: one dataclass per concern, YAML round-trip, every problem reported at once.
 
-`RunConfig.validate()` returns a list of problems (empty when the config is good); the UI shows them as
-one message and the CLI as one exit. Help texts carry practitioners' defaults (see FIELD-NOTES.md).
+`RunConfig.validate()` returns a list of Problems (empty when the config is good), each naming its field;
+the UI shows them as one message and the CLI as one exit. Help texts carry practitioners' defaults (see FIELD-NOTES.md).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import yaml
 
 from studio.core.errors import StudioError
 from studio.core.fsutil import atomic_write
+from studio.core.problems import Problem, as_problem
 
 COMPUTE_TYPES = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -40,14 +41,15 @@ SHARDING = ("fsdp", "deepspeed-zero3")  # strategies that split the base weights
 
 
 class ConfigError(StudioError, ValueError):
-    """A config that cannot be used; `problems` lists every reason."""
+    """A config that cannot be used; `problems` lists every reason, as Problems (a bare sentence becomes a
+    Problem about no field)."""
 
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("Invalid run config:\n- " + "\n- ".join(str(p) for p in self.problems))
+    def __init__(self, problems: list[Problem] | list[str] | list[Problem | str]):
+        self.problems: list[Problem] = [as_problem(p) for p in problems]
+        super().__init__("Invalid run config:\n- " + "\n- ".join(map(str, self.problems)))
 
     def one_line(self) -> str:
-        return "; ".join(str(p) for p in self.problems)
+        return "; ".join(map(str, self.problems))
 
 
 def _help(text: str) -> dict[str, str]:
@@ -65,8 +67,10 @@ class ModelSpec:
         metadata=_help("Run Python code shipped with the model. Only for models whose code you trust."),
     )
 
-    def validate(self) -> list[str]:
-        return [] if self.source.strip() else ["model.source is empty: use 'bundled', a folder or a hub id."]
+    def validate(self) -> list[Problem]:
+        if self.source.strip():
+            return []
+        return [Problem("model.source", "model.source is empty", "use 'bundled', a folder or a hub id.")]
 
 
 @dataclass
@@ -89,29 +93,49 @@ class LoraSpec:
         default=None, metadata=_help("LoRA+: B learns this many times faster than A (e.g. 16). Empty = off.")
     )
 
-    def validate(self) -> list[str]:
-        p: list[str] = []
+    def validate(self) -> list[Problem]:
+        p: list[Problem] = []
         if not _is_int(self.r) or self.r < 1:
-            p.append(f"lora.r must be a whole number of at least 1 (got {self.r!r}); try 8, 16 or 32.")
+            p.append(
+                Problem("lora.r", f"lora.r must be a whole number of at least 1 (got {self.r!r}); try 8, 16 or 32.")
+            )
         elif self.r > 1024:
-            p.append(f"lora.r={self.r} is far above useful ranks (8-256).")
+            p.append(Problem("lora.r", f"lora.r={self.r} is far above useful ranks (8-256)."))
         if not _is_number(self.alpha) or self.alpha <= 0:
-            p.append(f"lora.alpha must be a positive number (got {self.alpha!r}); 2*r is usual.")
+            p.append(Problem("lora.alpha", f"lora.alpha must be a positive number (got {self.alpha!r}); 2*r is usual."))
         if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
-            p.append(f"lora.dropout must be in [0, 1) (got {self.dropout!r}); 0.05-0.1 is typical.")
+            p.append(
+                Problem("lora.dropout", f"lora.dropout must be in [0, 1) (got {self.dropout!r}); 0.05-0.1 is typical.")
+            )
         if isinstance(self.target_modules, str):
             if not self.target_modules.strip():
-                p.append("lora.target_modules is empty: use 'all-linear' or name layers like q_proj,v_proj.")
+                p.append(
+                    Problem(
+                        "lora.target_modules",
+                        "lora.target_modules is empty",
+                        "use 'all-linear' or name layers like q_proj,v_proj.",
+                    )
+                )
         elif not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-            p.append("lora.target_modules must list layer names (e.g. [q_proj, v_proj]) or be 'all-linear'.")
+            p.append(
+                Problem(
+                    "lora.target_modules",
+                    "lora.target_modules must list layer names (e.g. [q_proj, v_proj]) or be 'all-linear'.",
+                )
+            )
         if self.bias not in BIAS_MODES:
-            p.append(f"lora.bias must be one of {', '.join(BIAS_MODES)} (got {self.bias!r}).")
+            p.append(Problem("lora.bias", f"lora.bias must be one of {', '.join(BIAS_MODES)} (got {self.bias!r})."))
         if self.init not in LORA_INITS:
-            p.append(f"lora.init must be one of {', '.join(LORA_INITS)} (got {self.init!r}).")
+            p.append(Problem("lora.init", f"lora.init must be one of {', '.join(LORA_INITS)} (got {self.init!r})."))
         if self.loraplus_lr_ratio is not None and (
             not _is_number(self.loraplus_lr_ratio) or self.loraplus_lr_ratio < 1
         ):
-            p.append(f"lora.loraplus_lr_ratio must be empty or at least 1 (got {self.loraplus_lr_ratio!r}).")
+            p.append(
+                Problem(
+                    "lora.loraplus_lr_ratio",
+                    f"lora.loraplus_lr_ratio must be empty or at least 1 (got {self.loraplus_lr_ratio!r}).",
+                )
+            )
         return p
 
     def target_list(self) -> list[str]:
@@ -127,14 +151,19 @@ class QuantSpec:
     double_quant: bool = field(default=True, metadata=_help("Quantize the scales too: ~0.37 bit/param saved."))
     compute_dtype: str = field(default="bf16", metadata=_help("Dtype the 4-bit weights are unpacked to per matmul."))
 
-    def validate(self) -> list[str]:
-        p: list[str] = []
+    def validate(self) -> list[Problem]:
+        p: list[Problem] = []
         if self.mode not in QUANT_MODES:
-            p.append(f"quant.mode must be one of {', '.join(QUANT_MODES)} (got {self.mode!r}).")
+            p.append(Problem("quant.mode", f"quant.mode must be one of {', '.join(QUANT_MODES)} (got {self.mode!r})."))
         if self.quant_type not in QUANT_TYPES:
-            p.append(f"quant.quant_type must be 'nf4' or 'fp4' (got {self.quant_type!r}).")
+            p.append(Problem("quant.quant_type", f"quant.quant_type must be 'nf4' or 'fp4' (got {self.quant_type!r})."))
         if self.compute_dtype not in COMPUTE_TYPES:
-            p.append(f"quant.compute_dtype must be one of {', '.join(COMPUTE_TYPES)} (got {self.compute_dtype!r}).")
+            p.append(
+                Problem(
+                    "quant.compute_dtype",
+                    f"quant.compute_dtype must be one of {', '.join(COMPUTE_TYPES)} (got {self.compute_dtype!r}).",
+                )
+            )
         return p
 
 
@@ -164,16 +193,25 @@ class DataSpec:
     )
     train_on_prompt: bool = field(default=False, metadata=_help("Also learn the prompts (usually off)."))
 
-    def validate(self) -> list[str]:
-        p: list[str] = []
+    def validate(self) -> list[Problem]:
+        p: list[Problem] = []
         if not self.datasets:
-            p.append("data.datasets is empty: pick at least one registered dataset.")
+            p.append(Problem("data.datasets", "data.datasets is empty", "pick at least one registered dataset."))
         if not _is_int(self.cutoff_len) or self.cutoff_len < 8:
-            p.append(f"data.cutoff_len must be a whole number of at least 8 (got {self.cutoff_len!r}).")
+            p.append(
+                Problem(
+                    "data.cutoff_len",
+                    f"data.cutoff_len must be a whole number of at least 8 (got {self.cutoff_len!r}).",
+                )
+            )
         if self.max_samples is not None and (not _is_int(self.max_samples) or self.max_samples < 1):
-            p.append(f"data.max_samples must be empty or at least 1 (got {self.max_samples!r}).")
+            p.append(
+                Problem("data.max_samples", f"data.max_samples must be empty or at least 1 (got {self.max_samples!r}).")
+            )
         if not _is_number(self.val_size) or not 0 <= self.val_size < 1:
-            p.append(f"data.val_size must be in [0, 1) (got {self.val_size!r}); 0.1 is typical.")
+            p.append(
+                Problem("data.val_size", f"data.val_size must be in [0, 1) (got {self.val_size!r}); 0.1 is typical.")
+            )
         return p
 
 
@@ -215,43 +253,95 @@ class TrainSpec:
     device: str = field(default="auto", metadata=_help("'auto' (CUDA, MPS, else CPU) or a fixed device."))
     num_threads: int | None = field(default=None, metadata=_help("CPU threads for training; empty = all cores."))
 
-    def validate(self) -> list[str]:
-        p: list[str] = []
+    def validate(self) -> list[Problem]:
+        p: list[Problem] = []
         if not _is_int(self.max_steps) or self.max_steps < 0:
-            p.append(f"train.max_steps must be 0 (use epochs) or a positive whole number (got {self.max_steps!r}).")
+            p.append(
+                Problem(
+                    "train.max_steps",
+                    f"train.max_steps must be 0 (use epochs) or a positive whole number (got {self.max_steps!r}).",
+                )
+            )
         uses_epochs = not (_is_int(self.max_steps) and self.max_steps > 0)
         if uses_epochs and (not _is_number(self.epochs) or self.epochs <= 0):
-            p.append(f"train.epochs must be positive (got {self.epochs!r}), or set train.max_steps.")
+            p.append(
+                Problem("train.epochs", f"train.epochs must be positive (got {self.epochs!r}), or set train.max_steps.")
+            )
         if not _is_number(self.learning_rate) or not 0 < self.learning_rate < 1:
-            p.append(f"train.learning_rate must be in (0, 1) (got {self.learning_rate!r}); 2e-4 is a good start.")
+            p.append(
+                Problem(
+                    "train.learning_rate",
+                    f"train.learning_rate must be in (0, 1) (got {self.learning_rate!r}); 2e-4 is a good start.",
+                )
+            )
         if self.lr_scheduler not in SCHEDULERS:
-            p.append(f"train.lr_scheduler must be one of {', '.join(SCHEDULERS)} (got {self.lr_scheduler!r}).")
+            p.append(
+                Problem(
+                    "train.lr_scheduler",
+                    f"train.lr_scheduler must be one of {', '.join(SCHEDULERS)} (got {self.lr_scheduler!r}).",
+                )
+            )
         if not _is_number(self.warmup_ratio) or not 0 <= self.warmup_ratio < 1:
-            p.append(f"train.warmup_ratio must be in [0, 1) (got {self.warmup_ratio!r}).")
+            p.append(
+                Problem("train.warmup_ratio", f"train.warmup_ratio must be in [0, 1) (got {self.warmup_ratio!r}).")
+            )
         for name in ("batch_size", "grad_accum", "logging_steps", "eval_steps", "save_steps", "save_total_limit"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
-                p.append(f"train.{name} must be a whole number of at least 1 (got {value!r}).")
+                p.append(
+                    Problem(f"train.{name}", f"train.{name} must be a whole number of at least 1 (got {value!r}).")
+                )
         if not _is_number(self.max_grad_norm) or self.max_grad_norm < 0:
-            p.append(f"train.max_grad_norm must be 0 (off) or positive (got {self.max_grad_norm!r}).")
+            p.append(
+                Problem(
+                    "train.max_grad_norm",
+                    f"train.max_grad_norm must be 0 (off) or positive (got {self.max_grad_norm!r}).",
+                )
+            )
         if not _is_number(self.weight_decay) or self.weight_decay < 0:
-            p.append(f"train.weight_decay must be 0 or positive (got {self.weight_decay!r}).")
+            p.append(
+                Problem("train.weight_decay", f"train.weight_decay must be 0 or positive (got {self.weight_decay!r}).")
+            )
         if self.optimizer not in OPTIMIZERS:
-            p.append(f"train.optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r}).")
+            p.append(
+                Problem(
+                    "train.optimizer",
+                    f"train.optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r}).",
+                )
+            )
         if self.compute_type not in COMPUTE_TYPES:
-            p.append(f"train.compute_type must be one of {', '.join(COMPUTE_TYPES)} (got {self.compute_type!r}).")
+            p.append(
+                Problem(
+                    "train.compute_type",
+                    f"train.compute_type must be one of {', '.join(COMPUTE_TYPES)} (got {self.compute_type!r}).",
+                )
+            )
         if self.device not in DEVICES:
-            p.append(f"train.device must be one of {', '.join(DEVICES)} (got {self.device!r}).")
+            p.append(
+                Problem("train.device", f"train.device must be one of {', '.join(DEVICES)} (got {self.device!r}).")
+            )
         if self.num_threads is not None and (not _is_int(self.num_threads) or self.num_threads < 1):
-            p.append(f"train.num_threads must be empty or at least 1 (got {self.num_threads!r}).")
+            p.append(
+                Problem(
+                    "train.num_threads", f"train.num_threads must be empty or at least 1 (got {self.num_threads!r})."
+                )
+            )
         if not _is_int(self.seed):
-            p.append(f"train.seed must be a whole number (got {self.seed!r}).")
+            p.append(Problem("train.seed", f"train.seed must be a whole number (got {self.seed!r})."))
         if not isinstance(self.stop_on_divergence, bool):
-            p.append(f"train.stop_on_divergence must be true or false (got {self.stop_on_divergence!r}).")
+            p.append(
+                Problem(
+                    "train.stop_on_divergence",
+                    f"train.stop_on_divergence must be true or false (got {self.stop_on_divergence!r}).",
+                )
+            )
         if not _is_int(self.early_stopping_patience) or self.early_stopping_patience < 0:
             p.append(
-                "train.early_stopping_patience must be 0 (off) or a whole number of evaluations "
-                f"(got {self.early_stopping_patience!r}); 3 is typical."
+                Problem(
+                    "train.early_stopping_patience",
+                    "train.early_stopping_patience must be 0 (off) or a whole number of evaluations "
+                    f"(got {self.early_stopping_patience!r}); 3 is typical.",
+                )
             )
         return p
 
@@ -321,53 +411,109 @@ class DistributionSpec:
             raise ValueError(text)
         return ids
 
-    def validate(self) -> list[str]:
-        p: list[str] = []
+    def validate(self) -> list[Problem]:
+        p: list[Problem] = []
         if not _is_int(self.processes) or not 1 <= self.processes <= 1024:
-            p.append(f"distribution.processes must be a whole number from 1 (got {self.processes!r}).")
+            p.append(
+                Problem(
+                    "distribution.processes",
+                    f"distribution.processes must be a whole number from 1 (got {self.processes!r}).",
+                )
+            )
         if self.strategy not in STRATEGIES:
-            p.append(f"distribution.strategy must be one of {', '.join(STRATEGIES)} (got {self.strategy!r}).")
+            p.append(
+                Problem(
+                    "distribution.strategy",
+                    f"distribution.strategy must be one of {', '.join(STRATEGIES)} (got {self.strategy!r}).",
+                )
+            )
         if self.offload and not str(self.strategy).startswith("deepspeed"):
-            p.append("distribution.offload needs a DeepSpeed strategy (deepspeed-zero2/3): change one of them.")
+            p.append(
+                Problem(
+                    "distribution.offload",
+                    "distribution.offload needs a DeepSpeed strategy (deepspeed-zero2/3)",
+                    "change one of them.",
+                )
+            )
         try:
             ids = self.device_ids()
         except ValueError:
             ids = None
-            p.append(f"distribution.devices must be 'auto' or distinct CUDA ids like '0,1' (got {self.devices!r}).")
+            p.append(
+                Problem(
+                    "distribution.devices",
+                    f"distribution.devices must be 'auto' or distinct CUDA ids like '0,1' (got {self.devices!r}).",
+                )
+            )
         if not _is_int(self.num_machines) or self.num_machines < 1:
-            p.append(f"distribution.num_machines must be at least 1 (got {self.num_machines!r}).")
+            p.append(
+                Problem(
+                    "distribution.num_machines",
+                    f"distribution.num_machines must be at least 1 (got {self.num_machines!r}).",
+                )
+            )
         elif not _is_int(self.machine_rank) or not 0 <= self.machine_rank < self.num_machines:
             p.append(
-                f"distribution.machine_rank must be from 0 to {self.num_machines - 1} (got {self.machine_rank!r})."
+                Problem(
+                    "distribution.machine_rank",
+                    f"distribution.machine_rank must be from 0 to {self.num_machines - 1} (got {self.machine_rank!r}).",
+                )
             )
         if not _is_int(self.main_port) or not 0 <= self.main_port <= 65535:
-            p.append(f"distribution.main_port must be 0 (any free port) or a port number (got {self.main_port!r}).")
+            p.append(
+                Problem(
+                    "distribution.main_port",
+                    f"distribution.main_port must be 0 (any free port) or a port number (got {self.main_port!r}).",
+                )
+            )
         if p:
             return p
         if self.num_machines > 1:
             if not str(self.main_address).strip():
-                p.append("Several machines need distribution.main_address: the IP of machine 0.")
+                p.append(
+                    Problem(
+                        "distribution.main_address",
+                        "Several machines need distribution.main_address: the IP of machine 0.",
+                    )
+                )
             if self.main_port == 0:
-                p.append("Several machines need a fixed distribution.main_port (e.g. 29500), open on machine 0.")
+                p.append(
+                    Problem(
+                        "distribution.main_port",
+                        "Several machines need a fixed distribution.main_port (e.g. 29500), open on machine 0.",
+                    )
+                )
             if self.processes % self.num_machines:
                 p.append(
-                    f"distribution.processes ({self.processes}) must split evenly over {self.num_machines} "
-                    "machines: the same number of processes on each."
+                    Problem(
+                        "distribution.processes",
+                        f"distribution.processes ({self.processes}) must split evenly over {self.num_machines} "
+                        "machines: the same number of processes on each.",
+                    )
                 )
         if ids is not None and self.launched and len(ids) != self.per_machine:
             p.append(
-                f"distribution.devices lists {len(ids)} GPU(s) for {self.per_machine} process(es) per machine: "
-                "list one GPU per process, or use 'auto'."
+                Problem(
+                    "distribution.devices",
+                    f"distribution.devices lists {len(ids)} GPU(s) for {self.per_machine} process(es) per machine",
+                    "list one GPU per process, or use 'auto'.",
+                )
             )
         if ids is not None and not self.launched and len(ids) != 1:
             p.append(
-                f"distribution.devices lists {len(ids)} GPUs for a single process: set distribution.processes "
-                f"to {len(ids)} to train on all of them, or list one."
+                Problem(
+                    "distribution.devices",
+                    f"distribution.devices lists {len(ids)} GPUs for a single process",
+                    f"set distribution.processes to {len(ids)} to train on all of them, or list one.",
+                )
             )
         if self.strategy != "ddp" and not self.launched:
             p.append(
-                f"distribution.strategy '{self.strategy}' splits work across processes: with one process use "
-                "'ddp' (no effect), or raise distribution.processes."
+                Problem(
+                    "distribution.strategy",
+                    f"distribution.strategy '{self.strategy}' splits work across processes",
+                    "with one process use 'ddp' (no effect), or raise distribution.processes.",
+                )
             )
         return p
 
@@ -382,7 +528,7 @@ class RunConfig:
     train: TrainSpec = field(default_factory=TrainSpec)
     distribution: DistributionSpec = field(default_factory=DistributionSpec)
 
-    def validate(self) -> list[str]:
+    def validate(self) -> list[Problem]:
         problems = [
             *self.model.validate(),
             *self.lora.validate(),
@@ -419,10 +565,10 @@ class RunConfig:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as err:
-            raise ConfigError([f"The YAML cannot be parsed: {err}"]) from err
+            raise ConfigError([Problem("", f"The YAML cannot be parsed: {err}")]) from err
         if data is not None and not isinstance(data, dict):
             raise ConfigError(
-                ["The YAML must be a mapping of sections (model, lora, quant, data, train, distribution)."]
+                [Problem("", "The YAML must be a mapping of sections (model, lora, quant, data, train, distribution).")]
             )
         return cls.from_dict(data)
 
@@ -430,22 +576,31 @@ class RunConfig:
     def load(cls, path: Path) -> RunConfig:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError([f"Config file '{path}' does not exist."])
+            raise ConfigError([Problem("", f"Config file '{path}' does not exist.")])
         return cls.from_yaml(path.read_text())
 
 
-def _cross_checks(cfg: RunConfig) -> list[str]:
+def _cross_checks(cfg: RunConfig) -> list[Problem]:
     """Combinations that are each valid alone but cannot work together."""
-    p: list[str] = []
+    p: list[Problem] = []
     if cfg.quant.mode != "none" and cfg.lora.init == "pissa":
-        p.append("PiSSA init needs full-precision base weights: set lora.init to 'default' or turn quantization off.")
+        p.append(
+            Problem(
+                "lora.init",
+                "PiSSA init needs full-precision base weights",
+                "set lora.init to 'default' or turn quantization off.",
+            )
+        )
     if cfg.quant.mode != "none" and cfg.lora.bias != "none":
-        p.append("Bias training is not supported on a quantized base: set lora.bias to 'none'.")
+        p.append(Problem("lora.bias", "Bias training is not supported on a quantized base", "set lora.bias to 'none'."))
     patience = cfg.train.early_stopping_patience
     if _is_int(patience) and patience > 0 and _is_number(cfg.data.val_size) and cfg.data.val_size <= 0:
         p.append(
-            "Early stopping watches the eval loss, and there is no validation split: set data.val_size "
-            "(e.g. 0.1), or train.early_stopping_patience to 0."
+            Problem(
+                "train.early_stopping_patience",
+                "Early stopping watches the eval loss, and there is no validation split",
+                "set data.val_size (e.g. 0.1), or train.early_stopping_patience to 0.",
+            )
         )
     p += _distribution_checks(cfg)
     if cfg.train.device in ("cpu", "cuda", "mps"):
@@ -453,41 +608,75 @@ def _cross_checks(cfg: RunConfig) -> list[str]:
     return p
 
 
-def _distribution_checks(cfg: RunConfig) -> list[str]:
+def _distribution_checks(cfg: RunConfig) -> list[Problem]:
     d, p = cfg.distribution, []
     if d.strategy in SHARDING and cfg.quant.mode != "none":
         # Sharding needs one storage dtype across all weights; bitsandbytes packs 4-bit weights as uint8 next
         # to bf16 ones. Upstream can do it with bnb_4bit_quant_storage; the studio does not set that up yet.
         p.append(
-            f"A quantized base (quant.mode {cfg.quant.mode}) cannot be sharded with {d.strategy}: use strategy "
-            "'ddp' or 'deepspeed-zero2' (each process keeps its own 4-bit copy), or turn quantization off."
+            Problem(
+                "distribution.strategy",
+                f"A quantized base (quant.mode {cfg.quant.mode}) cannot be sharded with {d.strategy}",
+                "use strategy 'ddp' or 'deepspeed-zero2' (each process keeps its own 4-bit copy), "
+                "or turn quantization off.",
+            )
         )
     if d.launched and cfg.train.device == "mps":
-        p.append("Apple MPS runs one process: set distribution.processes to 1, or train on CUDA GPUs or CPU.")
+        p.append(
+            Problem(
+                "distribution.processes",
+                "Apple MPS runs one process",
+                "set distribution.processes to 1, or train on CUDA GPUs or CPU.",
+            )
+        )
     if d.devices not in ("", "auto") and cfg.train.device in ("cpu", "mps"):
-        p.append(f"distribution.devices names GPUs but train.device is {cfg.train.device}: set devices to 'auto'.")
+        p.append(
+            Problem(
+                "distribution.devices",
+                f"distribution.devices names GPUs but train.device is {cfg.train.device}",
+                "set devices to 'auto'.",
+            )
+        )
     return p
 
 
-def device_problems(cfg: RunConfig, device: str) -> list[str]:
+def device_problems(cfg: RunConfig, device: str) -> list[Problem]:
     """Combinations a device refuses. validate() asks when the device is fixed; check_runtime once 'auto'
     has resolved, so the same words reach the user either way."""
-    p: list[str] = []
+    p: list[Problem] = []
     if device == "cpu" and cfg.distribution.strategy != "ddp" and cfg.distribution.launched:
         p.append(
-            f"distribution.strategy '{cfg.distribution.strategy}' needs CUDA GPUs: on CPU use 'ddp' "
-            "(processes share the cores over gloo)."
+            Problem(
+                "distribution.strategy",
+                f"distribution.strategy '{cfg.distribution.strategy}' needs CUDA GPUs",
+                "on CPU use 'ddp' (processes share the cores over gloo).",
+            )
         )
     if device == "cpu" and cfg.train.compute_type == "fp16":
-        p.append("fp16 training needs a GPU (no fp16 loss scaling on CPU): use fp32 or bf16 on CPU.")
+        p.append(
+            Problem(
+                "train.compute_type",
+                "fp16 training needs a GPU (no fp16 loss scaling on CPU)",
+                "use fp32 or bf16 on CPU.",
+            )
+        )
     if device == "mps" and cfg.quant.mode != "none":
         p.append(
-            "Quantization (bitsandbytes) has no Apple MPS backend: set quant.mode to 'none', "
-            "or train.device to 'cpu' (slow) or a CUDA GPU."
+            Problem(
+                "quant.mode",
+                "Quantization (bitsandbytes) has no Apple MPS backend",
+                "set quant.mode to 'none', or train.device to 'cpu' (slow) or a CUDA GPU.",
+            )
         )
     if device == "cpu" and cfg.quant.mode == "8bit" and cfg.lora.use_dora:
         # bitsandbytes 0.50's CPU int8 matmul loses its scales once DoRA has read the weights (AttributeError).
-        p.append("DoRA on an 8-bit base fails on CPU: use quant.mode '4bit' or 'none', or turn lora.use_dora off.")
+        p.append(
+            Problem(
+                "lora.use_dora",
+                "DoRA on an 8-bit base fails on CPU",
+                "use quant.mode '4bit' or 'none', or turn lora.use_dora off.",
+            )
+        )
     return p
 
 
@@ -519,11 +708,12 @@ def _coerce(value: Any, annotation: str) -> Any:
 
 def _from_dict(cls, data: dict[str, Any], prefix: str):
     if not isinstance(data, dict):
-        raise ConfigError([f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {type(data).__name__}."])
+        where = prefix.rstrip(".")
+        raise ConfigError([Problem(where, f"'{where or 'config'}' must be a mapping, got {type(data).__name__}.")])
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     known = ", ".join(fields)
-    problems = [f"Unknown key '{prefix}{k}' (known keys here: {known})." for k in unknown]
+    problems = [Problem(f"{prefix}{k}", f"Unknown key '{prefix}{k}' (known keys here: {known}).") for k in unknown]
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         if name not in fields:

@@ -7,7 +7,6 @@ again). Writers retry when another process holds the lock. Older workspaces are 
 
 from __future__ import annotations
 
-import enum
 import json
 import sqlite3
 import threading
@@ -20,9 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from studio.core.errors import ExitCode, StudioError
+from studio.core.problems import StrEnum
 
 
-class RunStatus(str, enum.Enum):
+class RunStatus(StrEnum):
+    """A run's state; the values are what the store, the JSON output and the CLI write."""
+
     QUEUED = "queued"
     RUNNING = "running"
     COMPLETED = "completed"

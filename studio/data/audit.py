@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from studio.core.problems import Severity
 from studio.data.clean import CleanOptions
 from studio.data.errors import DataError
 from studio.data.formats import Example
@@ -50,7 +51,7 @@ KINDS = (
     "missing_eos",
     "leakage",
 )
-SEVERITIES = ("info", "warning")
+SEVERITIES = (Severity.INFO, Severity.WARNING)
 FIXES = ("drop", "dedupe")
 
 NEAR_DUP_THRESHOLD = 0.8  # Jaccard of character shingles: above it, two rows say the same thing
@@ -78,7 +79,7 @@ _SCRIPT_ALIASES = {"CJK": "CJK", "HIRAGANA": "CJK", "KATAKANA": "CJK", "FULLWIDT
 @dataclass(frozen=True)
 class DoctorFinding:
     kind: str  # one of KINDS
-    severity: str  # "info" | "warning"
+    severity: Severity  # INFO or WARNING
     rows: tuple[int, ...]  # 0-based indices into the examples as load_examples returns them
     detail: str  # what is wrong, in plain words, with a short excerpt
     fix: str | None  # "drop" | "dedupe" (keep the first row) | None when only a human can decide
@@ -88,7 +89,9 @@ class DoctorFinding:
         if self.kind not in KINDS:
             raise ValueError(f"DoctorFinding kind must be one of {KINDS}, got {self.kind!r}")
         if self.severity not in SEVERITIES:
-            raise ValueError(f"DoctorFinding severity must be one of {SEVERITIES}, got {self.severity!r}")
+            allowed = tuple(map(str, SEVERITIES))
+            raise ValueError(f"DoctorFinding severity must be one of {allowed}, got {self.severity!r}")
+        object.__setattr__(self, "severity", Severity(self.severity))
         if self.fix is not None and self.fix not in FIXES:
             raise ValueError(f"DoctorFinding fix must be one of {FIXES} or None, got {self.fix!r}")
         object.__setattr__(self, "rows", tuple(sorted(int(r) for r in self.rows)))
@@ -118,7 +121,7 @@ class DoctorReport:
 
     @property
     def warnings(self) -> list[DoctorFinding]:
-        return [f for f in self.findings if f.severity == "warning"]
+        return [f for f in self.findings if f.severity == Severity.WARNING]
 
     @property
     def healthy(self) -> bool:
@@ -507,7 +510,7 @@ def check_duplicates(
             fix = None
             detail += " Their answers differ."
             hint = "Decide which answer is right and delete the other rows: keeping one blindly may keep the wrong one."
-        findings.append(DoctorFinding(kind, "warning", tuple(rows), detail, fix, hint))
+        findings.append(DoctorFinding(kind, Severity.WARNING, tuple(rows), detail, fix, hint))
     return findings
 
 
@@ -535,7 +538,7 @@ def check_conflicting_answers(examples: list[Example], threshold: float = NEAR_D
             "Keep the right answer and delete the others, or make the prompts say what differs. If varied "
             "answers are intended (creative prompts), ignore this."
         )
-        findings.append(DoctorFinding("conflicting_answers", "warning", tuple(rows), detail, None, hint))
+        findings.append(DoctorFinding("conflicting_answers", Severity.WARNING, tuple(rows), detail, None, hint))
     return findings
 
 
@@ -563,7 +566,7 @@ def check_length_outliers(
                 f"{excerpt(first_words(examples[i]))}."
             )
             hint = "Check it is not several rows run together or pasted junk; drop it or split it."
-            findings.append(DoctorFinding("length_outlier", "info", (i,), detail, "drop", hint))
+            findings.append(DoctorFinding("length_outlier", Severity.INFO, (i,), detail, "drop", hint))
     shortest = [min(_answer_pairs(ex), key=lambda pair: len(pair[1]), default=("", "")) for ex in examples]
     sizes = [len(norm) for _, norm in shortest]
     median_answer = statistics.median(sizes)
@@ -576,7 +579,11 @@ def check_length_outliers(
                 f"median answer has {median_answer:g}) to {excerpt(first_words(examples[i]))}."
             )
             hint = "Write a real answer, or drop the row: the model learns to answer like this."
-            findings.append(DoctorFinding("length_outlier", "warning" if empty else "info", (i,), detail, "drop", hint))
+            findings.append(
+                DoctorFinding(
+                    "length_outlier", Severity.WARNING if empty else Severity.INFO, (i,), detail, "drop", hint
+                )
+            )
     return sorted(findings, key=lambda f: f.rows)
 
 
@@ -630,7 +637,7 @@ def check_language_outliers(examples: list[Example], majority: float = SCRIPT_MA
             f"{count / len(known):.0%} of the rows are {main.title()}: {excerpt(first_words(examples[rows[0]]))}."
         )
         hint = "Drop them unless the model should learn this language too; then add more rows in it."
-        findings.append(DoctorFinding("language_outlier", "warning", rows, detail, "drop", hint))
+        findings.append(DoctorFinding("language_outlier", Severity.WARNING, rows, detail, "drop", hint))
     return findings
 
 
@@ -664,7 +671,7 @@ def check_missing_eos(
             f"{eos_text} (longest: {longest} tokens){skipped}. Trained without an end, the model learns to run on."
         )
         hint = f"Raise the cutoff length to {longest} or more, or drop these rows."
-        findings.append(DoctorFinding("missing_eos", "warning", tuple(cut), detail, "drop", hint))
+        findings.append(DoctorFinding("missing_eos", Severity.WARNING, tuple(cut), detail, "drop", hint))
     if no_eos:
         detail = (
             f"{len(no_eos)} row{'s' * (len(no_eos) != 1)} end their answer with token {last_seen}, not the EOS "
@@ -672,12 +679,12 @@ def check_missing_eos(
             "model never learns to stop."
         )
         hint = "Use a tokenizer whose eos_token is a single special token (or fix its chat template)."
-        findings.append(DoctorFinding("missing_eos", "warning", tuple(no_eos), detail, None, hint))
+        findings.append(DoctorFinding("missing_eos", Severity.WARNING, tuple(no_eos), detail, None, hint))
     if broken:
         reason = samples[broken[0]]
         detail = f"{len(broken)} row{'s' * (len(broken) != 1)} cannot be tokenized: {reason}"
         hint = "Drop them, or use a chat template that accepts these conversations; training would fail on them."
-        findings.append(DoctorFinding("missing_eos", "warning", tuple(broken), detail, "drop", hint))
+        findings.append(DoctorFinding("missing_eos", Severity.WARNING, tuple(broken), detail, "drop", hint))
     return findings
 
 
@@ -712,7 +719,7 @@ def check_split_leakage(
             f"{len(placed) - n_val} in training{assumed}: {excerpt(first_words(examples[rows[0]]))}."
         )
         hint = "Keep one of them, so the validation loss measures generalisation, not recall."
-        findings.append(DoctorFinding("leakage", "warning", tuple(rows), detail, "dedupe", hint))
+        findings.append(DoctorFinding("leakage", Severity.WARNING, tuple(rows), detail, "dedupe", hint))
     return findings
 
 
@@ -731,7 +738,7 @@ def check_eval_leakage(
         f"each ≥ {threshold:.0%} the same): {excerpt(first_words(examples[rows[0]]))}."
     )
     hint = f"Drop them from the training data, or '{against_name}' no longer measures anything unseen."
-    return [DoctorFinding("leakage", "warning", tuple(rows), detail, "drop", hint)]
+    return [DoctorFinding("leakage", Severity.WARNING, tuple(rows), detail, "drop", hint)]
 
 
 # ---------------------------------------------------------------- the report
@@ -762,7 +769,7 @@ def diagnose(
         findings.append(
             DoctorFinding(
                 "missing_eos",
-                "info",
+                Severity.INFO,
                 (),
                 "Skipped: no tokenizer was given, so EOS and token lengths were not "
                 "checked (lengths are in characters).",
@@ -779,7 +786,7 @@ def diagnose(
             findings.append(
                 DoctorFinding(
                     "missing_eos",
-                    "warning",
+                    Severity.WARNING,
                     (),
                     "The tokenizer has no EOS token id.",
                     None,

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from studio.core.errors import StudioError
+from studio.core.problems import Severity
 
 
 class DataError(StudioError):
@@ -23,7 +24,7 @@ class RowError(DataError):
     """One row cannot be turned into an example. The reason does not name the row: the caller knows it."""
 
 
-SEVERITIES = ("error", "warning")
+SEVERITIES = (Severity.ERROR, Severity.WARNING)  # a bad row: refused (error) or skipped (warning)
 
 
 @dataclass(frozen=True)
@@ -32,11 +33,13 @@ class RowIssue:
 
     row: int
     reason: str
-    severity: str = "error"
+    severity: Severity = Severity.ERROR
 
     def __post_init__(self) -> None:
         if self.severity not in SEVERITIES:
-            raise ValueError(f"RowIssue severity must be one of {SEVERITIES}, got {self.severity!r}")
+            allowed = tuple(map(str, SEVERITIES))
+            raise ValueError(f"RowIssue severity must be one of {allowed}, got {self.severity!r}")
+        object.__setattr__(self, "severity", Severity(self.severity))
 
     def describe(self) -> str:
         where = "file" if self.row == 0 else f"row {self.row}"

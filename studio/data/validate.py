@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from studio.core.problems import Severity
 from studio.data.errors import RowError, RowIssue
 from studio.data.formats import REQUIRED_FIELDS, ColumnMap, Example, check_format, row_to_example
 from studio.data.readers import file_columns
@@ -20,11 +21,11 @@ class ValidationReport:
 
     @property
     def errors(self) -> list[RowIssue]:
-        return [i for i in self.issues if i.severity == "error"]
+        return [i for i in self.issues if i.severity == Severity.ERROR]
 
     @property
     def warnings(self) -> list[RowIssue]:
-        return [i for i in self.issues if i.severity == "warning"]
+        return [i for i in self.issues if i.severity == Severity.WARNING]
 
     @property
     def fatal(self) -> bool:
@@ -71,7 +72,7 @@ def validate_rows(
         )
         return report
 
-    severity = "warning" if skip_invalid else "error"
+    severity = Severity.WARNING if skip_invalid else Severity.ERROR
     for number, row in enumerate(rows, start=1):
         try:
             example = row_to_example(row, fmt, cmap)

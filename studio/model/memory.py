@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.core.config import ConfigError, RunConfig
+from studio.core.problems import Problem
 from studio.model.targets import (
     LinearShape,
     adapted_layers,
@@ -204,21 +205,31 @@ def _is_tied(skeleton: Any, module: Any) -> bool:
 # -- validation -----------------------------------------------------------------------------------
 
 
-def plan_problems(shapes: ModelShapes, run: RunConfig, device: str) -> list[str]:
+def plan_problems(shapes: ModelShapes, run: RunConfig, device: str) -> list[Problem]:
     """Every reason this config cannot run on this model and device, collected (none: it can be planned).
     The datasets are not needed to plan, so an empty dataset list is not a problem here."""
     data = dataclasses.replace(run.data, datasets=run.data.datasets or ["(any)"])
     problems = dataclasses.replace(run, data=data).validate()
     if device not in ("cpu", "cuda"):
-        problems.append(f"The planner knows 'cpu' and 'cuda', not {device!r}.")
+        problems.append(Problem("train.device", f"The planner knows 'cpu' and 'cuda', not {device!r}."))
     if device == "cpu" and run.train.compute_type == "fp16" and run.train.device != "cpu":
-        problems.append("fp16 training needs a GPU (no fp16 loss scaling on CPU): use fp32 or bf16 on CPU.")
+        problems.append(
+            Problem(
+                "train.compute_type",
+                "fp16 training needs a GPU (no fp16 loss scaling on CPU)",
+                "use fp32 or bf16 on CPU.",
+            )
+        )
     if run.quant.mode != "none" and device not in ("cpu", "cuda"):
-        problems.append("bitsandbytes quantization runs on CUDA or CPU only.")
+        problems.append(Problem("quant.mode", "bitsandbytes quantization runs on CUDA or CPU only."))
     if shapes.max_positions and isinstance(run.data.cutoff_len, int) and run.data.cutoff_len > shapes.max_positions:
         problems.append(
-            f"data.cutoff_len={run.data.cutoff_len} is longer than this model's context "
-            f"({shapes.max_positions} positions): lower it."
+            Problem(
+                "data.cutoff_len",
+                f"data.cutoff_len={run.data.cutoff_len} is longer than this model's context "
+                f"({shapes.max_positions} positions)",
+                "lower it.",
+            )
         )
     if not run.lora.validate():
         problem = target_problem(run.lora.target_modules, shapes.linear_names)
@@ -229,8 +240,11 @@ def plan_problems(shapes: ModelShapes, run: RunConfig, device: str) -> list[str]
             smallest = min(min(t.in_features, t.out_features) for t in targets)
             if run.lora.r >= smallest:
                 problems.append(
-                    f"lora.r={run.lora.r} is not below the smallest adapted dimension ({smallest}): "
-                    "a low-rank update needs r well under it."
+                    Problem(
+                        "lora.r",
+                        f"lora.r={run.lora.r} is not below the smallest adapted dimension ({smallest})",
+                        "a low-rank update needs r well under it.",
+                    )
                 )
     return problems
 

@@ -10,6 +10,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from studio.core.problems import Problem
+
 if TYPE_CHECKING:
     from studio.core.config import LoraSpec
 
@@ -100,15 +102,16 @@ def expand_targets(target_modules: str | Sequence[str], available: Sequence[str]
     return list(target_modules)
 
 
-def target_problem(target_modules: str | Sequence[str], available: Sequence[str]) -> str | None:
+def target_problem(target_modules: str | Sequence[str], available: Sequence[str]) -> Problem | None:
     """THE target check: why these target modules cannot be adapted in a model whose linear layers are
     `available` (names it lacks, or nothing to adapt at all), or None when they can."""
     targets = expand_targets(target_modules, available)
     missing = [t for t in targets if t not in available]
     if missing or not targets:
-        return (
+        return Problem(
+            "lora.target_modules",
             f"lora.target_modules: {', '.join(missing) or '(none)'} not found in this model. "
-            f"Its linear layers are: {', '.join(available)}; or use 'all-linear'."
+            f"Its linear layers are: {', '.join(available)}; or use 'all-linear'.",
         )
     return None
 

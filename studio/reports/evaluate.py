@@ -360,7 +360,7 @@ def _run_config(run: Run) -> RunConfig:
     try:
         return RunConfig.load(path) if path.is_file() else RunConfig.from_dict(run.config)
     except ConfigError as err:
-        raise EvalError(f"Run {run.id}'s config cannot be read: {'; '.join(err.problems)}") from err
+        raise EvalError(f"Run {run.id}'s config cannot be read: {'; '.join(map(str, err.problems))}") from err
 
 
 def check_spec(spec: EvalSpec, home: Path | None = None) -> Target:

@@ -24,6 +24,7 @@ from typing import Any
 from studio.core import procs
 from studio.core.config import ConfigError, RunConfig, parse_gpu_ids
 from studio.core.errors import ExitCode, StudioError
+from studio.core.problems import Problem
 from studio.core.procs import process_alive, process_start_token
 from studio.core.store import Run, RunNotFound, RunStatus, Store, Sweep
 from studio.core.workspace import (
@@ -75,7 +76,7 @@ class JobError(StudioError, RuntimeError):
     exit_code = ExitCode.FAILED
 
 
-def model_problems(config: RunConfig, known: list[str] | tuple[str, ...] = ()) -> list[str]:
+def model_problems(config: RunConfig, known: list[Problem] | tuple[Problem, ...] = ()) -> list[Problem]:
     """What is wrong with the model and its LoRA targets, found from the model's config alone (no weights),
     so a bad path, an unreachable hub id or a missing layer is refused before a run exists."""
     from studio.model.loading import (
@@ -90,7 +91,7 @@ def model_problems(config: RunConfig, known: list[str] | tuple[str, ...] = ()) -
     )
     from studio.model.targets import linear_layer_names, target_problem
 
-    if any(p.startswith("model.source") for p in known):
+    if any(p.path == "model.source" for p in known):
         return []  # already reported; nothing to resolve
     available: list[str] | None = None
     if is_bundled_source(config.model.source) and not bundled_model_ready():
@@ -99,25 +100,31 @@ def model_problems(config: RunConfig, known: list[str] | tuple[str, ...] = ()) -
         try:
             bundled_gguf_path()
         except ModelError as err:
-            return [" ".join(str(err).split())]
+            return [Problem("model.source", " ".join(str(err).split()))]
         available = list(BUNDLED_LINEAR_LAYERS)
     else:
         try:
             model_config = load_config(resolve_model(config.model.source), config.model.trust_remote_code)
         except ModelError as err:
-            return [" ".join(str(err).split())]  # transformers' reasons span lines; a problem is one line
-    if any(p.startswith("lora.target_modules") for p in known):
+            # transformers' reasons span lines; a problem is one line
+            return [Problem("model.source", " ".join(str(err).split()))]
+    if any(p.path == "lora.target_modules" for p in known):
         return []
     if available is None:
         try:
             available = linear_layer_names(build_skeleton(model_config))
         except (ValueError, KeyError) as err:  # transformers: no causal-LM class for this config
-            return [f"'{config.model.source}' is not a causal language model this version can train ({err})."]
+            return [
+                Problem(
+                    "model.source",
+                    f"'{config.model.source}' is not a causal language model this version can train ({err}).",
+                )
+            ]
     problem = target_problem(config.lora.target_modules, available)
     return [problem] if problem else []
 
 
-def missing_datasets(home: Path, config: RunConfig) -> list[str]:
+def missing_datasets(home: Path, config: RunConfig) -> list[Problem]:
     """A problem for each dataset the config names that this workspace has not registered."""
     from studio.data import DataError, DatasetRegistry
 
@@ -127,7 +134,8 @@ def missing_datasets(home: Path, config: RunConfig) -> list[str]:
         try:
             registry.get(name)
         except (DataError, KeyError):
-            missing.append(f"Dataset '{name}' is not registered. Register it first (studio datasets add).")
+            text = f"Dataset '{name}' is not registered. Register it first (studio datasets add)."
+            missing.append(Problem("data.datasets", text))
     return missing
 
 
@@ -180,7 +188,7 @@ def _no_pick_message(sweep_id: str, rows: list[SweepRow]) -> str:
     for row in rows:
         counts[row.status] = counts.get(row.status, 0) + 1
     states = ", ".join(f"{n} {status}" for status, n in counts.items())
-    if any(row.status in ("queued", "running") for row in rows):
+    if any(row.status in (RunStatus.QUEUED, RunStatus.RUNNING) for row in rows):
         return (
             f"No scan run of sweep {sweep_id} has completed yet ({states}); promote once one has "
             f"(watch with `studio sweep show {sweep_id}`)."
@@ -336,14 +344,14 @@ class JobManager:
         except RunNotFound:  # deleted: a new long run may be started
             return None
 
-    def _device_problems(self, config: RunConfig, known: list[str]) -> list[str]:
+    def _device_problems(self, config: RunConfig, known: list[Problem]) -> list[Problem]:
         """A run asking for GPUs this queue does not have would wait forever: refused at submit."""
-        if any(p.startswith("distribution.devices") for p in known):
+        if any(p.path == "distribution.devices" for p in known):
             return []
         try:
             gpus = visible_gpus()
         except DistributedError as err:
-            return [str(err)]
+            return [Problem("", str(err))]
         return request_problems(device_request(config, bool(gpus)), gpus)
 
     # -- scheduling ---------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from studio.core.config import ConfigError, RunConfig
+from studio.core.problems import Problem
 from studio.core.store import Metric, Run, RunStatus
 
 # What a sweep may vary: "section.field" of RunConfig -> the type its values are read as.
@@ -84,9 +85,9 @@ class SweepError(ConfigError):
     """A sweep that cannot be queued; `problems` lists every reason. A ConfigError (so a ValueError):
     the CLI and the UI report it as they report a bad run config."""
 
-    def __init__(self, problems: list[str]):
+    def __init__(self, problems: list[Problem] | list[str] | list[Problem | str]):
         super().__init__(problems)
-        self.args = ("Invalid sweep:\n- " + "\n- ".join(self.problems),)
+        self.args = ("Invalid sweep:\n- " + "\n- ".join(map(str, self.problems)),)
 
 
 @dataclass(frozen=True)
@@ -167,35 +168,42 @@ def parse_param(text: str) -> SweepParam:
     path, sep, raw = text.partition("=")
     path = path.strip()
     if not sep or not path:
-        raise SweepError([f"'{text}' is not PATH=V1,V2,...: write e.g. lora.r=8,16,32,64."])
+        raise SweepError([Problem(path, f"'{text}' is not PATH=V1,V2,...", "write e.g. lora.r=8,16,32,64.")])
     if path in NOT_SWEEPABLE:
-        raise SweepError([f"{path} cannot be swept: {NOT_SWEEPABLE[path]}. Sweepable: {_sweepable_list()}."])
+        raise SweepError(
+            [Problem(path, f"{path} cannot be swept: {NOT_SWEEPABLE[path]}. Sweepable: {_sweepable_list()}.")]
+        )
     if path not in SWEEPABLE:
-        raise SweepError([f"'{path}' is not a sweepable parameter. Sweepable: {_sweepable_list()}."])
+        raise SweepError([Problem(path, f"'{path}' is not a sweepable parameter. Sweepable: {_sweepable_list()}.")])
     splitter = "|" if "|" in raw else ","
     parts = [p.strip() for p in raw.split(splitter)]
     if path == "lora.target_modules" and splitter == "," and "q" in parts and "v" in parts:
         raise SweepError(
             [
-                "lora.target_modules: the group 'q,v' holds a comma, so separate the values with '|', "
-                "e.g. lora.target_modules='q,v|attention|all-linear'."
+                Problem(
+                    path,
+                    "lora.target_modules: the group 'q,v' holds a comma, so separate the values with '|', "
+                    "e.g. lora.target_modules='q,v|attention|all-linear'.",
+                )
             ]
         )
     if any(not p for p in parts):
-        raise SweepError([f"{path}: an empty value in '{raw}'; write e.g. {path}={_example(path)}."])
+        raise SweepError([Problem(path, f"{path}: an empty value in '{raw}'; write e.g. {path}={_example(path)}.")])
     values, problems = [], []
     for part in parts:
         try:
             values.append(_coerce_value(part, SWEEPABLE[path]))
         except ValueError as err:
-            problems.append(f"{path}: {err}; write e.g. {path}={_example(path)}.")
+            problems.append(Problem(path, f"{path}: {err}; write e.g. {path}={_example(path)}."))
     if problems:
         raise SweepError(problems)
     dupes = sorted({_fmt(v) for i, v in enumerate(values) if v in values[:i]})
     if dupes:
-        raise SweepError([f"{path}: {', '.join(dupes)} given twice; give each value once."])
+        raise SweepError([Problem(path, f"{path}: {', '.join(dupes)} given twice; give each value once.")])
     if len(values) < 2:
-        raise SweepError([f"{path} needs at least 2 values to compare (got '{raw}'); e.g. {path}={_example(path)}."])
+        raise SweepError(
+            [Problem(path, f"{path} needs at least 2 values to compare (got '{raw}'); e.g. {path}={_example(path)}.")]
+        )
     return SweepParam(path, tuple(values))
 
 
@@ -317,29 +325,37 @@ def _target_cost(value: Any) -> int:
     return len(value) if isinstance(value, (list, tuple)) else 0
 
 
-def _grid_problems(params: Sequence[SweepParam], scan_steps: Any) -> list[str]:
-    p: list[str] = []
+def _grid_problems(params: Sequence[SweepParam], scan_steps: Any) -> list[Problem]:
+    p: list[Problem] = []
     if not params:
-        p.append("Name at least one parameter to sweep, e.g. lora.r=8,16,32,64.")
+        p.append(Problem("", "Name at least one parameter to sweep, e.g. lora.r=8,16,32,64."))
     if len(params) > MAX_PARAMS:
         p.append(
-            f"At most {MAX_PARAMS} parameters per sweep (got {len(params)}: "
-            f"{', '.join(x.path for x in params)}): sweep the rank first, then the learning rate at the best rank."
+            Problem(
+                "",
+                f"At most {MAX_PARAMS} parameters per sweep (got {len(params)}: {', '.join(x.path for x in params)})",
+                "sweep the rank first, then the learning rate at the best rank.",
+            )
         )
     paths = [x.path for x in params]
     for path in sorted({x for x in paths if paths.count(x) > 1}):
-        p.append(f"{path} is given twice: give all its values in one parameter.")
+        p.append(Problem(path, f"{path} is given twice", "give all its values in one parameter."))
     for x in params:
         if x.path not in SWEEPABLE:
-            p.append(f"'{x.path}' is not a sweepable parameter. Sweepable: {_sweepable_list()}.")
+            p.append(Problem(x.path, f"'{x.path}' is not a sweepable parameter. Sweepable: {_sweepable_list()}."))
         elif len(x.values) < 2:
-            p.append(f"{x.path} needs at least 2 values to compare.")
+            p.append(Problem(x.path, f"{x.path} needs at least 2 values to compare."))
     size = math.prod(len(x.values) for x in params) if params else 0
     if size > MAX_RUNS:
         counts = " x ".join(str(len(x.values)) for x in params)
-        p.append(f"The grid has {counts} = {size} runs, more than {MAX_RUNS}: drop some values.")
+        p.append(Problem("", f"The grid has {counts} = {size} runs, more than {MAX_RUNS}", "drop some values."))
     if not _is_count(scan_steps):
-        p.append(f"scan_steps must be a whole number of at least 1 (got {scan_steps!r}); 100-300 steps show the knee.")
+        p.append(
+            Problem(
+                "scan_steps",
+                f"scan_steps must be a whole number of at least 1 (got {scan_steps!r}); 100-300 steps show the knee.",
+            )
+        )
     return p
 
 
@@ -356,7 +372,7 @@ def expand(
     ordered = sorted(params, key=lambda x: COST_ORDER.index(x.path) if x.path in COST_ORDER else len(COST_ORDER))
     paths = [x.path for x in ordered]
     plan: list[tuple[dict[str, Any], RunConfig]] = []
-    where: dict[str, list[str]] = {}  # problem -> the runs that have it
+    where: dict[Problem, list[str]] = {}  # problem -> the runs that have it
     for combo in itertools.product(*(_ordered_values(x) for x in ordered)):
         values = dict(zip(paths, combo, strict=True))
         config = scan_config(base, values, scan_steps, "")
@@ -368,7 +384,9 @@ def expand(
         if problem not in where:
             where[problem] = ["the long run, which keeps the base config's epochs/max_steps"]
     for problem, runs in where.items():
-        problems.append(problem if len(runs) == len(plan) else f"{problem} (in {'; '.join(runs)})")
+        if len(runs) < len(plan):
+            problem = Problem(problem.path, f"{problem} (in {'; '.join(runs)})")
+        problems.append(problem)
     if problems:
         raise SweepError(problems)
     return plan

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from studio.core.allocator import choose_allocator, loaded_allocator
 from studio.core.config import ConfigError, RunConfig, parse_gpu_ids
+from studio.core.problems import Problem, Severity
 from studio.core.procs import child_pids, process_start_token
 from studio.core.store import IllegalTransition, RunStatus, Store
 from studio.core.workspace import RunDir, db_path, studio_home
@@ -145,7 +146,7 @@ def allocator_event(sink: StoreSink) -> None:
     else:
         wanted = choose_allocator()
         why = wanted.note or "it was not preloaded (the worker was started by hand?)"
-        sink.event(f"Memory allocator: glibc malloc ({why})", level="warning" if wanted.note else "info")
+        sink.event(f"Memory allocator: glibc malloc ({why})", level=Severity.WARNING if wanted.note else Severity.INFO)
 
 
 def write_card_quietly(home: Path, run_id: str, sink: StoreSink) -> None:
@@ -162,7 +163,7 @@ def write_card_quietly(home: Path, run_id: str, sink: StoreSink) -> None:
 
 def record_result(store: Store, home: Path, run_id: str, result, sink: StoreSink) -> None:
     """The run's final state from a finished training call: completed (with its card) or aborted."""
-    if result.status == "completed":
+    if result.status == RunStatus.COMPLETED:
         store.transition(
             run_id,
             RunStatus.COMPLETED,
@@ -355,9 +356,16 @@ def join(config: RunConfig, home: Path, machine_rank: int) -> int:
     config.distribution.machine_rank = machine_rank
     problems = config.validate()
     if not problems and config.distribution.num_machines < 2:
-        problems.append("distribution.num_machines is 1: there is no other machine to join.")
+        problems.append(
+            Problem("distribution.num_machines", "distribution.num_machines is 1: there is no other machine to join.")
+        )
     if not problems and machine_rank < 1:
-        problems.append("Machine 0 starts the run (studio train); the others join with --machine-rank 1, 2, ...")
+        problems.append(
+            Problem(
+                "distribution.machine_rank",
+                "Machine 0 starts the run (studio train); the others join with --machine-rank 1, 2, ...",
+            )
+        )
     problems += missing_datasets(home, config)
     if problems:
         raise ConfigError(problems)

@@ -21,9 +21,10 @@ from typing import Any
 
 from studio.core.config import ConfigError, RunConfig
 from studio.core.fsutil import atomic_write_json
+from studio.core.problems import Severity
 from studio.core.workspace import RunDir
 
-SEVERITIES = ("critical", "warning", "info")  # most severe first
+SEVERITIES = (Severity.CRITICAL, Severity.WARNING, Severity.INFO)  # most severe first
 
 # Divergence. A loss that turns NaN/inf never comes back. A loss above twice the starting loss (and at least
 # 1 nat above it, so a run that starts near 0 is not stopped for noise) at 3 logs in a row is not a spike the
@@ -71,7 +72,7 @@ TINY_DATA = 1000
 @dataclass(frozen=True)
 class Advice:
     rule: str
-    severity: str  # "critical" | "warning" | "info"
+    severity: Severity  # CRITICAL, WARNING or INFO
     title: str
     detail: str  # plain words, with the figures that triggered it
     fix: str  # what to change, naming config fields (train.learning_rate, ...)
@@ -219,7 +220,7 @@ def diverged(points: Sequence[Any]) -> Advice | None:
     what = "NaN" if math.isnan(bad.loss) else "infinite"
     return Advice(
         rule="diverged",
-        severity="critical",
+        severity=Severity.CRITICAL,
         title="Training diverged",
         detail=f"the loss became {what} at step {bad.step}; the weights are broken from there on.",
         fix=_DIVERGE_FIX + "; with train.compute_type fp16, try bf16 or fp32.",
@@ -245,7 +246,7 @@ def exploding(points: Sequence[Any]) -> Advice | None:
         began = p
     return Advice(
         rule="exploding",
-        severity="critical",
+        severity=Severity.CRITICAL,
         title="The loss is exploding",
         detail=(
             f"the loss started at {start:.3g} and has been above {limit:.3g} for the last {EXPLODE_LOGS} logs "
@@ -280,7 +281,7 @@ def gradients_exploding(points: Sequence[Any], config: RunConfig | None = None) 
     )
     return Advice(
         rule="gradients_exploding",
-        severity="warning",
+        severity=Severity.WARNING,
         title="Gradients are blowing up",
         detail=(
             f"the gradient norm was about {base:.3g} early on and is "
@@ -325,7 +326,9 @@ def loss_not_falling(
             "and raise lora.r; check in the dataset preview that the answers are what is trained "
             "(data.train_on_prompt off, answers not cut off by data.cutoff_len)."
         )
-    return Advice("loss_not_falling", "warning", "The loss is not falling", detail + ".", fix, step=train[-1].step)
+    return Advice(
+        "loss_not_falling", Severity.WARNING, "The loss is not falling", detail + ".", fix, step=train[-1].step
+    )
 
 
 def overfitting(points: Sequence[Any], finished: bool = False) -> Advice | None:
@@ -350,7 +353,7 @@ def overfitting(points: Sequence[Any], finished: bool = False) -> Advice | None:
         fix = f"Use the checkpoint nearest step {best.step} if one was kept, and next time: " + fix[0].lower() + fix[1:]
     return Advice(
         rule="overfitting",
-        severity="warning",
+        severity=Severity.WARNING,
         title="Overfitting",
         detail=(
             f"the eval loss rose at the last {OVERFIT_RISES} evaluations to {tail[-1].eval_loss:.3g} (best "
@@ -397,7 +400,7 @@ def never_ends(facts: DataFacts | None) -> Advice | None:
     )
     return Advice(
         rule="never_ends",
-        severity="critical" if share >= EOS_CRITICAL else "warning",
+        severity=Severity.CRITICAL if share >= EOS_CRITICAL else Severity.WARNING,
         title="Answers that never end",
         detail=(
             f"{100 * share:.0f}% of the training answers ({round(share * facts.samples)} of {facts.samples}) have "
@@ -434,7 +437,7 @@ def heavy_truncation(facts: DataFacts | None) -> Advice | None:
         detail += f"; {facts.dropped} had no answer token left and are skipped"
     return Advice(
         rule="heavy_truncation",
-        severity="critical" if share >= TRUNC_CRITICAL else "warning",
+        severity=Severity.CRITICAL if share >= TRUNC_CRITICAL else Severity.WARNING,
         title="Heavy truncation",
         detail=detail + ". Cut answers teach half-answers and lose their EOS, so the model learns not to stop.",
         fix=(
@@ -451,7 +454,7 @@ def tiny_data_high_rank(facts: DataFacts | None, config: RunConfig | None) -> Ad
     r = config.lora.r
     return Advice(
         rule="tiny_data_high_rank",
-        severity="warning",
+        severity=Severity.WARNING,
         title="High rank for a small dataset",
         detail=(
             f"lora.r={r} on {facts.samples} samples. Ranks of 64 and more are for complex tasks with many "
@@ -471,8 +474,8 @@ def data_advice(facts: DataFacts | None, config: RunConfig | None) -> list[Advic
     truncation = heavy_truncation(facts)
     eos = never_ends(facts)
     if eos is not None and truncation is not None and facts is not None and _eos_lost_to_cutoff(facts):
-        if eos.severity == "critical":
-            truncation = dataclasses.replace(truncation, severity="critical")
+        if eos.severity == Severity.CRITICAL:
+            truncation = dataclasses.replace(truncation, severity=Severity.CRITICAL)
         eos = None
     found = [eos, truncation, tiny_data_high_rank(facts, config)]
     return _by_severity([a for a in found if a is not None])

@@ -22,6 +22,7 @@ from typing import Any
 from studio.core.config import RunConfig, parse_gpu_ids
 from studio.core.errors import ExitCode, StudioError
 from studio.core.fsutil import atomic_write_json
+from studio.core.problems import Problem
 from studio.core.workspace import RunDir
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -270,20 +271,26 @@ def device_request(config: RunConfig, have_gpus: bool) -> DeviceRequest:
     return DeviceRequest(d.per_machine if d.launched else 1)
 
 
-def request_problems(request: DeviceRequest, gpus: list[int]) -> list[str]:
+def request_problems(request: DeviceRequest, gpus: list[int]) -> list[Problem]:
     """Why a request can never be met on this machine (it would wait in the queue forever)."""
     if request.gpus == 0:
         return []
     missing = [i for i in request.pinned if i not in gpus]
     if missing:
         return [
-            f"distribution.devices names GPU {', '.join(map(str, missing))}, which the queue does not have "
-            f"(GPUs here: {', '.join(map(str, gpus)) or 'none'}). Pick from those, or use 'auto'."
+            Problem(
+                "distribution.devices",
+                f"distribution.devices names GPU {', '.join(map(str, missing))}, which the queue does not have "
+                f"(GPUs here: {', '.join(map(str, gpus)) or 'none'}). Pick from those, or use 'auto'.",
+            )
         ]
     if request.gpus > len(gpus):
         return [
-            f"The run needs {request.gpus} GPUs and the queue has {len(gpus)}: lower distribution.processes "
-            f"to {len(gpus) or 1}{'' if gpus else ' and train on CPU'}."
+            Problem(
+                "distribution.processes",
+                f"The run needs {request.gpus} GPUs and the queue has {len(gpus)}",
+                f"lower distribution.processes to {len(gpus) or 1}{'' if gpus else ' and train on CPU'}.",
+            )
         ]
     return []
 

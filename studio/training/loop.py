@@ -243,7 +243,7 @@ def lora_config(config: RunConfig, available: list[str]):
     spec = config.lora
     problem = target_problem(spec.target_modules, available)
     if problem:
-        raise TrainingError(problem)
+        raise TrainingError(str(problem))
     targets = expand_targets(spec.target_modules, available)
     init: bool | str = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}[spec.init]
     return LoraConfig(
@@ -263,7 +263,7 @@ def check_runtime(config: RunConfig, device: str) -> None:
     """Combinations the hardware refuses, caught before minutes of loading; every reason in one message."""
     import torch
 
-    problems = device_problems(config, device)
+    problems = [str(p) for p in device_problems(config, device)]
     if device == "cuda" and not torch.cuda.is_bf16_supported():
         if config.train.compute_type == "bf16":
             problems.append("This GPU has no bf16 support: set train.compute_type to fp16 (with loss scaling) or fp32.")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from studio.core.problems import Severity
 from studio.core.workspace import studio_home
 from studio.runs.queue import JobManager
 
@@ -39,7 +40,7 @@ def error_message(err: BaseException) -> str:
     return f"**Error:** {err}"
 
 
-SEVERITY_MARK = {"critical": "⛔", "warning": "⚠️", "info": "💡"}
+SEVERITY_MARK = {Severity.CRITICAL: "⛔", Severity.WARNING: "⚠️", Severity.INFO: "💡"}
 
 
 def coach_markdown(advice: list) -> str:

@@ -17,6 +17,7 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
+from studio.core.problems import Severity
 from studio.data import (
     FORMATS,
     CleanOptions,
@@ -306,7 +307,7 @@ def issues_markdown(report: ValidationReport, limit: int = MAX_SHOWN_ISSUES) -> 
     lines = []
     for issue in report.issues[:limit]:
         where = "file" if issue.row == 0 else f"row {issue.row}"
-        skipped = " (skipped)" if issue.severity == "warning" else ""
+        skipped = " (skipped)" if issue.severity == Severity.WARNING else ""
         lines.append(f"- **{where}**{skipped}: {issue.reason}")
     rest = len(report.issues) - limit
     if rest > 0:
@@ -496,7 +497,7 @@ def findings_frame(report: DoctorReport | None) -> pd.DataFrame:
     rows = [
         {
             "kind": f.kind,
-            "severity": f.severity,
+            "severity": str(f.severity),
             "rows": row_numbers(f.rows),
             "detail": f.detail,
             "fix": f.fix or "",

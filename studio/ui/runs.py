@@ -12,7 +12,7 @@ import gradio as gr
 import pandas as pd
 import yaml
 
-from studio.core.store import Run, RunNotFound, iso
+from studio.core.store import Run, RunNotFound, RunStatus, iso
 from studio.core.workspace import RunDir
 from studio.runs.queue import JobError
 from studio.ui import charts
@@ -159,7 +159,7 @@ def sweep_frame(rows, pick) -> pd.DataFrame:
 
 
 def pick_markdown(sweep, rows, pick) -> str:
-    done = sum(1 for r in rows if r.status == "completed")
+    done = sum(1 for r in rows if r.status == RunStatus.COMPLETED)
     head = f"**Sweep `{sweep.id}`**: {done} of {len(rows)} scan runs completed ({sweep.scan_steps} steps each)."
     if sweep.long_run_id:
         head += f" Long run started from the pick: `{sweep.long_run_id}`."

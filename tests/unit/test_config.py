@@ -1,6 +1,10 @@
+import dataclasses
+import json
+
 import pytest
 
 from studio.core.config import ConfigError, LoraSpec, RunConfig, merge_dicts
+from studio.core.problems import Problem, Severity, as_problem
 
 
 def good() -> RunConfig:
@@ -28,8 +32,8 @@ def test_every_problem_is_reported_at_once():
         }
     )
     problems = cfg.validate()
-    joined = "\n".join(problems)
-    for needle in (
+    paths = {p.path for p in problems}
+    for path in (
         "lora.r",
         "lora.alpha",
         "lora.dropout",
@@ -39,7 +43,7 @@ def test_every_problem_is_reported_at_once():
         "data.datasets",
         "data.val_size",
     ):
-        assert needle in joined, needle
+        assert path in paths, path
     assert len(problems) == 8
 
 
@@ -48,7 +52,27 @@ def test_check_raises_with_all_problems():
     cfg.lora.r = 0
     with pytest.raises(ConfigError) as err:
         cfg.check()
-    assert len(err.value.problems) == 2  # r and the missing dataset
+    assert [p.path for p in err.value.problems] == ["lora.r", "data.datasets"]
+
+
+def test_a_problem_reads_as_one_sentence_and_names_its_field():
+    problem = Problem("lora.bias", "Bias training is not supported on a quantized base", "set lora.bias to 'none'.")
+    assert str(problem) == "Bias training is not supported on a quantized base: set lora.bias to 'none'."
+    assert f"- {problem}" == f"- {problem!s}" and str(Problem("", "No fix here.")) == "No fix here."
+    assert as_problem("A preset's sentence.") == Problem("", "A preset's sentence.") and as_problem(problem) is problem
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        problem.path = "lora.r"  # type: ignore[misc]
+
+
+def test_config_error_keeps_its_message_and_holds_problems():
+    err = ConfigError([Problem("lora.r", "lora.r is bad", "try 8."), "A bare sentence."])
+    assert str(err) == "Invalid run config:\n- lora.r is bad: try 8.\n- A bare sentence."
+    assert [p.path for p in err.problems] == ["lora.r", ""]
+
+
+def test_severity_values_are_the_words_written_out():
+    assert [str(s) for s in Severity] == ["critical", "error", "warning", "info"]
+    assert Severity.WARNING == "warning" and json.dumps({"s": Severity.INFO}) == '{"s": "info"}'
 
 
 def test_yaml_round_trip_is_exact():
@@ -64,6 +88,7 @@ def test_yaml_round_trip_is_exact():
 def test_unknown_keys_are_named():
     with pytest.raises(ConfigError) as err:
         RunConfig.from_dict({"lora": {"rank": 8}, "trian": {}})
+    assert sorted(p.path for p in err.value.problems) == ["lora.rank", "trian"]
     text = str(err.value)
     assert "lora.rank" in text and "trian" in text
 
@@ -78,7 +103,7 @@ def test_fp16_on_cpu_is_refused():
     cfg = good()
     cfg.train.device = "cpu"
     cfg.train.compute_type = "fp16"
-    assert any("fp16" in p for p in cfg.validate())
+    assert [p.path for p in cfg.validate()] == ["train.compute_type"]
 
 
 def test_quantized_base_refuses_pissa_and_bias():
@@ -87,7 +112,8 @@ def test_quantized_base_refuses_pissa_and_bias():
     cfg.lora.init = "pissa"
     cfg.lora.bias = "all"
     problems = cfg.validate()
-    assert any("PiSSA" in p for p in problems) and any("Bias" in p for p in problems)
+    assert [p.path for p in problems] == ["lora.init", "lora.bias"]
+    assert "PiSSA" in str(problems[0]) and "Bias" in str(problems[1])
 
 
 def test_target_list_parses_comma_strings():

@@ -106,33 +106,46 @@ def test_cpu_processes_share_the_cores():
 
 
 @pytest.mark.parametrize(
-    ("dist", "train", "quant", "expected"),
+    ("dist", "train", "quant", "expected", "field"),
     [
-        ({"processes": 0}, {}, "none", "distribution.processes must be a whole number"),
-        ({"strategy": "horovod"}, {}, "none", "distribution.strategy must be one of"),
-        ({"processes": 2, "offload": True}, {}, "none", "offload needs a DeepSpeed strategy"),
-        ({"devices": "0,0"}, {}, "none", "distribution.devices must be 'auto' or distinct CUDA ids"),
-        ({"devices": "gpu0"}, {}, "none", "distribution.devices must be 'auto' or distinct CUDA ids"),
-        ({"processes": 2, "devices": "0,1,2"}, {}, "none", "lists 3 GPU(s) for 2 process(es)"),
-        ({"devices": "0,1"}, {}, "none", "set distribution.processes to 2"),
-        ({"strategy": "fsdp"}, {}, "none", "with one process use 'ddp'"),
-        ({"processes": 4, "num_machines": 2}, {}, "none", "need distribution.main_address"),
-        ({"processes": 3, "num_machines": 2, "main_address": "h", "main_port": 1}, {}, "none", "split evenly"),
-        ({"num_machines": 2, "machine_rank": 2}, {}, "none", "machine_rank must be from 0 to 1"),
-        ({"main_port": 70000}, {}, "none", "distribution.main_port must be 0"),
-        ({"processes": 2, "strategy": "fsdp"}, {"device": "cuda"}, "4bit", "cannot be sharded with fsdp"),
-        ({"processes": 2, "strategy": "fsdp"}, {"device": "cpu"}, "none", "needs CUDA GPUs: on CPU use 'ddp'"),
-        ({"processes": 2}, {"device": "mps"}, "none", "Apple MPS runs one process"),
-        ({"devices": "0"}, {"device": "cpu"}, "none", "names GPUs but train.device is cpu"),
+        ({"processes": 0}, {}, "none", "distribution.processes must be a whole number", "processes"),
+        ({"strategy": "horovod"}, {}, "none", "distribution.strategy must be one of", "strategy"),
+        ({"processes": 2, "offload": True}, {}, "none", "offload needs a DeepSpeed strategy", "offload"),
+        ({"devices": "0,0"}, {}, "none", "distribution.devices must be 'auto' or distinct CUDA ids", "devices"),
+        ({"devices": "gpu0"}, {}, "none", "distribution.devices must be 'auto' or distinct CUDA ids", "devices"),
+        ({"processes": 2, "devices": "0,1,2"}, {}, "none", "lists 3 GPU(s) for 2 process(es)", "devices"),
+        ({"devices": "0,1"}, {}, "none", "set distribution.processes to 2", "devices"),
+        ({"strategy": "fsdp"}, {}, "none", "with one process use 'ddp'", "strategy"),
+        ({"processes": 4, "num_machines": 2}, {}, "none", "need distribution.main_address", "main_address"),
+        (
+            {"processes": 3, "num_machines": 2, "main_address": "h", "main_port": 1},
+            {},
+            "none",
+            "split evenly",
+            "processes",
+        ),
+        ({"num_machines": 2, "machine_rank": 2}, {}, "none", "machine_rank must be from 0 to 1", "machine_rank"),
+        ({"main_port": 70000}, {}, "none", "distribution.main_port must be 0", "main_port"),
+        ({"processes": 2, "strategy": "fsdp"}, {"device": "cuda"}, "4bit", "cannot be sharded with fsdp", "strategy"),
+        (
+            {"processes": 2, "strategy": "fsdp"},
+            {"device": "cpu"},
+            "none",
+            "needs CUDA GPUs: on CPU use 'ddp'",
+            "strategy",
+        ),
+        ({"processes": 2}, {"device": "mps"}, "none", "Apple MPS runs one process", "processes"),
+        ({"devices": "0"}, {"device": "cpu"}, "none", "names GPUs but train.device is cpu", "devices"),
     ],
 )
-def test_impossible_distributions_are_refused_with_the_fix(dist, train, quant, expected):
+def test_impossible_distributions_are_refused_with_the_fix(dist, train, quant, expected, field):
     cfg = config(**dist)
     for key, value in train.items():
         setattr(cfg.train, key, value)
     cfg.quant.mode = quant
     problems = cfg.validate()
-    assert any(expected in p for p in problems), problems
+    assert any(expected in str(p) for p in problems), problems  # the words the user reads
+    assert f"distribution.{field}" in {p.path for p in problems}, problems  # the field it is about
 
 
 @pytest.mark.parametrize(
@@ -201,10 +214,11 @@ def test_picking_gives_disjoint_free_gpus_or_waits():
 
 
 def test_requests_no_machine_can_meet_are_named():
-    assert (
-        "GPU 7, which the queue does not have (GPUs here: 0, 1)" in request_problems(DeviceRequest(1, (7,)), [0, 1])[0]
-    )
-    assert "needs 4 GPUs and the queue has 2" in request_problems(DeviceRequest(4), [0, 1])[0]
+    (pinned,) = request_problems(DeviceRequest(1, (7,)), [0, 1])
+    assert pinned.path == "distribution.devices"
+    assert "GPU 7, which the queue does not have (GPUs here: 0, 1)" in str(pinned)
+    (too_many,) = request_problems(DeviceRequest(4), [0, 1])
+    assert too_many.path == "distribution.processes" and "needs 4 GPUs and the queue has 2" in str(too_many)
     assert request_problems(DeviceRequest(2), [0, 1]) == [] and request_problems(DeviceRequest(0), []) == []
 
 

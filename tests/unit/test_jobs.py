@@ -41,9 +41,24 @@ def test_submit_refuses_unknown_dataset_and_leaves_nothing(home):
     jobs = JobManager(home)
     cfg = RunConfig()
     cfg.data.datasets = ["no-such-dataset"]
-    with pytest.raises(ConfigError, match="no-such-dataset"):
+    with pytest.raises(ConfigError, match="no-such-dataset") as err:
         jobs.submit(cfg, start=False)
+    assert [p.path for p in err.value.problems] == ["data.datasets"]
     assert list((home / "runs").iterdir()) == [] and jobs.store.list_runs() == []
+
+
+def test_submit_skips_the_checks_of_a_field_already_refused(home):
+    """An empty model.source is not resolved and bad distribution.devices are not matched against the
+    queue's GPUs: each field is named once, by the check that found it."""
+    jobs = JobManager(home)
+    cfg = RunConfig()
+    cfg.model.source = " "
+    cfg.data.datasets = ["no-such-dataset"]
+    cfg.distribution.devices = "0,0"
+    with pytest.raises(ConfigError) as err:
+        jobs.submit(cfg, start=False)
+    assert [p.path for p in err.value.problems] == ["model.source", "distribution.devices", "data.datasets"]
+    assert list((home / "runs").iterdir()) == []
 
 
 def test_queued_run_abort_and_resume_rules(home):
@@ -119,5 +134,6 @@ def test_queueing_a_bundled_run_does_not_wait_for_its_conversion(tmp_path, monke
     assert model_problems(cfg) == []
     cfg.lora.target_modules = ["q_proj", "qkv_proj"]
     (problem,) = model_problems(cfg)
-    assert "qkv_proj not found" in problem and "down_proj" in problem
+    assert problem.path == "lora.target_modules"
+    assert "qkv_proj not found" in str(problem) and "down_proj" in str(problem)
     assert not (cache / BUNDLED_DIRNAME).exists()

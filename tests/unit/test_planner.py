@@ -202,7 +202,10 @@ def test_impossible_combinations_are_all_reported(small):
     )
     with pytest.raises(PlanError) as err:
         plan(small, cfg, "cpu")
-    text = "\n".join(err.value.problems)
+    paths = [p.path for p in err.value.problems]
+    for path in ("lora.init", "train.compute_type", "data.cutoff_len", "lora.r"):
+        assert path in paths, path
+    text = "\n".join(map(str, err.value.problems))
     for needle in ("PiSSA", "fp16", "cutoff_len=4096", "lora.r=100"):
         assert needle in text, needle
     with pytest.raises(PlanError, match="nope_proj"):

@@ -11,6 +11,7 @@ import pytest
 
 from studio.cli.sweep import add_arguments
 from studio.core.config import ConfigError, RunConfig
+from studio.core.problems import Problem
 from studio.core.store import Metric, Run, RunStatus
 from studio.runs.queue import JobError, JobManager
 from studio.runs.sweep import (
@@ -78,7 +79,9 @@ def test_parse_param_refuses_bad_input_saying_what_and_how(text, expected):
 def test_parse_param_reports_every_bad_value():
     with pytest.raises(SweepError) as err:
         parse_param("lora.r=x,8,y")
-    assert len(err.value.problems) == 2 and "'x'" in err.value.problems[0] and "'y'" in err.value.problems[1]
+    problems = err.value.problems
+    assert [p.path for p in problems] == ["lora.r", "lora.r"]
+    assert "'x'" in str(problems[0]) and "'y'" in str(problems[1])
 
 
 # -- expand -----------------------------------------------------------------------------------------------
@@ -122,8 +125,10 @@ def test_expand_reports_every_invalid_run_and_names_them():
     with pytest.raises(SweepError) as err:
         expand(base_config(), [parse_param("lora.r=8,16,0,2000")], 100, "x")
     problems = err.value.problems
-    assert any("lora.r must be a whole number of at least 1" in p and "(in lora.r=0)" in p for p in problems)
-    assert any("far above useful ranks" in p and "(in lora.r=2000)" in p for p in problems)
+    assert [p.path for p in problems] == ["lora.r", "lora.r"]
+    text = [str(p) for p in problems]
+    assert any("lora.r must be a whole number of at least 1" in t and "(in lora.r=0)" in t for t in text)
+    assert any("far above useful ranks" in t and "(in lora.r=2000)" in t for t in text)
     assert len(problems) == 2  # no knock-on alpha complaint for r=0
 
 
@@ -132,7 +137,9 @@ def test_a_problem_of_every_run_is_said_once():
     base.data.datasets = []
     with pytest.raises(SweepError) as err:
         expand(base, [parse_param("lora.r=8,16")], 100, "x")
-    assert err.value.problems == ["data.datasets is empty: pick at least one registered dataset."]
+    (problem,) = err.value.problems
+    assert problem.path == "data.datasets"
+    assert str(problem) == "data.datasets is empty: pick at least one registered dataset."
 
 
 def test_an_invalid_long_run_is_refused_up_front():
@@ -281,6 +288,7 @@ def test_unknown_datasets_and_layers_are_refused_before_anything_is_queued(jobs,
     params = [parse_param("lora.target_modules=q_proj|no_such_proj")]
     with pytest.raises(SweepError) as err:
         jobs.submit_sweep(base, params, 50, "scan")
+    assert [p.path for p in err.value.problems] == ["data.datasets", "lora.target_modules"]
     text = str(err.value)
     assert "Dataset 'nope' is not registered" in text and "no_such_proj not found in this model" in text
     assert jobs.store.list_runs() == [] and list((home / "runs").iterdir()) == []
@@ -393,7 +401,8 @@ def test_cli_bad_input_exits_2_with_one_line_and_queues_nothing(home, capsys, mo
 
 def test_sweep_error_is_a_config_error_for_existing_handlers():
     err = SweepError(["a", "b"])
-    assert isinstance(err, ConfigError) and err.problems == ["a", "b"] and str(err).startswith("Invalid sweep:")
+    assert isinstance(err, ConfigError) and str(err).startswith("Invalid sweep:")
+    assert err.problems == [Problem("", "a"), Problem("", "b")]  # bare sentences: problems about no one field
 
 
 def test_cli_follows_each_scan_run_then_prints_the_table_and_pick(home, capsys, monkeypatch):
