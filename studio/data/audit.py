@@ -682,8 +682,8 @@ def check_missing_eos(
 
 
 def split_sides(kept: list[int], val_size: float, seed: int) -> dict[int, str]:
-    """row -> "train" | "validation", exactly as training splits the rows it keeps (studio.training.loop)."""
-    from studio.training.loop import TrainingError, split_indices
+    """row -> "train" | "validation", exactly as training splits the rows it keeps (studio.training.stages)."""
+    from studio.training.stages.base import TrainingError, split_indices
 
     try:
         eval_idx, train_idx = split_indices(len(kept), val_size, seed)
@@ -820,7 +820,7 @@ def _tokenize(tokenizer: Any, example: Example, train_on_prompt: bool) -> Sample
 
 
 def _trains(sample: Sample, cutoff_len: int) -> bool:
-    """Training keeps a row only if a trained token survives the cutoff (studio.training.loop.split_data)."""
+    """Training keeps a row only if a trained token survives the cutoff (studio.training.stages.sft.split_data)."""
     return any(label != IGNORE_INDEX for label in sample.labels[:cutoff_len])
 
 

@@ -93,7 +93,7 @@ def explain(err: BaseException) -> str:
     """The error in words a user can act on: what happened and what to change."""
     from studio.data import DataError
     from studio.model.loading import ModelError
-    from studio.training.loop import TrainingError
+    from studio.training.errors import TrainingError
 
     text = str(err) or type(err).__name__
     if isinstance(err, (DataError, ModelError, TrainingError, ConfigError)):
