@@ -40,6 +40,7 @@ from studio.data.clean import CleanOptions
 from studio.data.errors import DataError
 from studio.data.formats import Example
 from studio.data.registry import DatasetEntry, DatasetRegistry, validate_dataset_name
+from studio.data.split import split_indices
 from studio.data.tokenize import IGNORE_INDEX, Sample, build_sample
 
 KINDS = (
@@ -689,13 +690,8 @@ def check_missing_eos(
 
 
 def split_sides(kept: list[int], val_size: float, seed: int) -> dict[int, str]:
-    """row -> "train" | "validation", exactly as training splits the rows it keeps (studio.training.loop)."""
-    from studio.training.loop import TrainingError, split_indices
-
-    try:
-        eval_idx, train_idx = split_indices(len(kept), val_size, seed)
-    except TrainingError as e:
-        raise DataError(str(e)) from e
+    """row -> "train" | "validation", exactly as training splits the rows it keeps (studio.training.stages)."""
+    eval_idx, train_idx = split_indices(len(kept), val_size, seed)
     sides = {kept[i]: "validation" for i in eval_idx}
     sides.update({kept[i]: "train" for i in train_idx})
     return sides
@@ -827,7 +823,7 @@ def _tokenize(tokenizer: Any, example: Example, train_on_prompt: bool) -> Sample
 
 
 def _trains(sample: Sample, cutoff_len: int) -> bool:
-    """Training keeps a row only if a trained token survives the cutoff (studio.training.loop.split_data)."""
+    """Training keeps a row only if a trained token survives the cutoff (studio.training.stages.sft.split_data)."""
     return any(label != IGNORE_INDEX for label in sample.labels[:cutoff_len])
 
 

@@ -414,7 +414,7 @@ def select_data(target: Target, spec: EvalSpec, tokenizer, home: Path | None = N
     """The samples scored for loss and the prompts answered, tokenized exactly as the run tokenized."""
     config = target.config
     if target.dataset == VALIDATION:
-        from studio.training.loop import TrainingError, split_data
+        from studio.training.stages.sft import TrainingError, split_data
 
         try:
             split = split_data(config, tokenizer, home)

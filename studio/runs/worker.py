@@ -94,17 +94,17 @@ def explain(err: BaseException) -> str:
     """The error in words a user can act on: what happened and what to change."""
     from studio.data import DataError
     from studio.model.loading import ModelError
-    from studio.training.loop import TrainingError
+    from studio.training.errors import TrainingError, is_out_of_memory
 
     text = str(err) or type(err).__name__
     if isinstance(err, (DataError, ModelError, TrainingError, ConfigError)):
         return text
-    low = text.lower()
-    if isinstance(err, MemoryError) or "out of memory" in low or "cuda oom" in low or "can't allocate" in low:
+    if is_out_of_memory(err):
         return (
             f"Out of memory ({type(err).__name__}: {text[:200]}). Lower train.batch_size and raise "
             "train.grad_accum, shorten data.cutoff_len, turn on gradient checkpointing, or use QLoRA (4-bit)."
         )
+    low = text.lower()
     if "nan" in low and "loss" in low:
         return (
             f"The loss became NaN ({text[:200]}). Lower the learning rate or lora.alpha, and keep gradient clipping on."

@@ -60,7 +60,7 @@ def test_early_stopping_completes_the_run_with_the_best_adapter(jobs, home, tiny
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from studio.training.loop import Collator, split_data
+    from studio.training.stages.sft import Collator, split_data
 
     # At a constant lr of 0.9 the tiny model's eval loss plateaus within a few evaluations.
     cfg = small_config(

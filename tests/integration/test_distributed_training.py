@@ -44,7 +44,7 @@ def two_process_config(name: str, **train):
 
 
 def test_two_cpu_processes_train_their_shards_into_one_adapter(jobs, tokenizer):
-    from studio.training.loop import prepare_data
+    from studio.training.stages.sft import prepare_data
 
     cfg = two_process_config("ddp")
     run = jobs.wait(jobs.submit(cfg).id, timeout=600)

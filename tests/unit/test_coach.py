@@ -373,10 +373,11 @@ def replay(cfg: RunConfig, history: list[dict]):
 
     from transformers import TrainerControl
 
-    from studio.training.loop import TokenCounter, _studio_callback
+    from studio.training.callbacks import StudioCallback
+    from studio.training.meter import TokenCounter
 
     sink = ListSink()
-    callback = _studio_callback(sink, lambda: False, TokenCounter(), "cpu", cfg)
+    callback = StudioCallback(sink, lambda: False, TokenCounter(), "cpu", cfg)
     state = SimpleNamespace(log_history=[], global_step=0, epoch=0.0, max_steps=100)
     control = TrainerControl()
     for entry in history:

@@ -14,7 +14,8 @@ from studio.cli import audit as audit_cli
 from studio.core.config import RunConfig
 from studio.data import DataError, DatasetRegistry, Example, Message, Sample, build_sample
 from studio.data import audit as dr
-from studio.training.loop import split_data, split_indices
+from studio.data.split import split_indices
+from studio.training.stages.sft import split_data
 
 EOS = "<|im_end|>"
 

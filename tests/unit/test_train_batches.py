@@ -6,7 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainingArguments
 
-from studio.training.loop import HELD_OUT, Collator, TokenCounter, checkpointing_args, sampling_args
+from studio.training.loop import checkpointing_args, sampling_args
+from studio.training.meter import TokenCounter
+from studio.training.stages.sft import HELD_OUT, Collator
 
 
 def test_collator_pads_and_counts_real_tokens_only():

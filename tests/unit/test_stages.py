@@ -1,0 +1,101 @@
+"""The training-stage seam: the registry, and supervised fine-tuning behind the Stage protocol (its form
+fields are config paths, its metrics are the store's, its data and collator are what the loop trains on)."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+from transformers import Trainer, TrainerControl
+
+from studio.core.config import RunConfig
+from studio.core.store import METRIC_FIELDS
+from studio.training.callbacks import StudioCallback
+from studio.training.meter import TokenCounter
+from studio.training.stages import DEFAULT_STAGE, STAGES, StageData, StageName, get_stage
+from studio.training.stages.sft import HELD_OUT, IGNORE, Collator, SupervisedStage
+from tests.builders import small_run_config
+
+
+def config_leaves() -> list[str]:
+    """Every 'section.field' of RunConfig ('name' has no section)."""
+    out = []
+    for top in dataclasses.fields(RunConfig):
+        spec = top.default_factory if dataclasses.is_dataclass(top.default_factory) else None
+        out += [top.name] if spec is None else [f"{top.name}.{f.name}" for f in dataclasses.fields(spec)]
+    return out
+
+
+def test_every_stage_is_registered_under_its_name_and_sft_is_the_default():
+    assert DEFAULT_STAGE == StageName.SFT == "sft"
+    assert all(stage.name == name for name, stage in STAGES.items())
+    assert get_stage() is get_stage("sft") is STAGES[StageName.SFT]
+    assert isinstance(get_stage(), SupervisedStage)
+    with pytest.raises(ValueError, match=r"Unknown training stage 'dpo'\. Known: sft\."):
+        get_stage("dpo")
+
+
+def test_sft_form_fields_are_config_paths_and_cover_the_whole_form():
+    fields = get_stage(StageName.SFT).form_fields
+    assert len(fields) == len(set(fields))
+    config = RunConfig()
+    for path in fields:
+        spec = config
+        for part in path.split("."):
+            assert hasattr(spec, part), f"{path} is not a config field"
+            spec = getattr(spec, part)
+    # The only stage today: the Train form shows every field of the config for it.
+    assert sorted(fields) == sorted(config_leaves())
+
+
+def test_sft_metrics_are_store_fields_and_the_callback_logs_only_those():
+    stage = get_stage(StageName.SFT)
+    assert set(stage.metrics) <= set(METRIC_FIELDS)
+
+    logged: dict[str, float | None] = {}
+    sink = SimpleNamespace(log=lambda step, **values: logged.update(values), event=lambda *a: None)
+    callback = StudioCallback(sink, lambda: False, TokenCounter(), "cpu", RunConfig())
+    state = SimpleNamespace(log_history=[], global_step=1, epoch=0.5, max_steps=10)
+    for logs in ({"loss": 2.0, "learning_rate": 1e-4, "grad_norm": 0.5}, {"eval_loss": 1.9}):
+        state.log_history.append({**logs, "step": 1})
+        callback.on_log(None, state, TrainerControl(), logs=logs)
+    assert set(logged) == set(stage.metrics)
+
+
+def test_sft_collator_pads_with_the_tokenizers_pad_id_and_counts_tokens(tokenizer):
+    stage = get_stage(StageName.SFT)
+    counter = TokenCounter()
+    config = RunConfig()
+    collate = stage.collator(config, tokenizer, counter)
+    assert isinstance(collate, Collator) and collate.pad_to is None
+    pad = tokenizer.pad_token_id
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7]}, {"input_ids": [8], "labels": [8]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, pad, pad]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert (counter.total, counter.positions) == (4, 6)
+
+    config.data.pad_to_cutoff, config.data.cutoff_len = True, 5
+    batch = stage.collator(config, tokenizer, TokenCounter())([{"input_ids": [5, 6], "labels": [5, 6]}])
+    assert batch["input_ids"].tolist() == [[5, 6, pad, pad, pad]]
+
+
+def test_sft_builds_its_rows_from_a_registered_dataset(home, tokenizer, tiny_model_dir):
+    stage = get_stage(StageName.SFT)
+    config = small_run_config(tiny_model_dir, data={"val_size": 0.1})
+    data = stage.build_data(config, tokenizer, home)
+    assert isinstance(data, StageData) and data.train and data.eval and not data.packed
+    assert all(row.get(HELD_OUT) for row in data.eval) and not any(HELD_OUT in row for row in data.train)
+    assert all(len(row["input_ids"]) == len(row["labels"]) <= 64 for row in data.train)
+    assert data.facts is not None and data.facts.samples == len(data.train) + len(data.eval)
+    line = stage.describe(data, config)
+    assert line.startswith(f"Data: {len(data.train)} train samples, {len(data.eval)} eval; tokens per sample")
+
+    config.data.packing = True
+    packed = stage.build_data(config, tokenizer, home)
+    assert packed.packed and all("position_ids" in row for row in packed.train)
+    assert "train blocks (packed)" in stage.describe(packed, config)
+
+
+def test_sft_is_run_by_transformers_trainer():
+    assert get_stage(StageName.SFT).trainer_class() is Trainer
