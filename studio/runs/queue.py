@@ -24,7 +24,6 @@ from typing import Any
 from studio.core import procs
 from studio.core.config import ConfigError, RunConfig, parse_gpu_ids
 from studio.core.errors import ExitCode, StudioError
-from studio.core.problems import Problem
 from studio.core.procs import process_alive, process_start_token
 from studio.core.store import Run, RunNotFound, RunStatus, Store, Sweep
 from studio.core.workspace import (
@@ -36,6 +35,7 @@ from studio.core.workspace import (
     runs_dir,
     studio_home,
 )
+from studio.runs.preflight import run_problems, sweep_problems
 from studio.runs.sweep import (
     Pick,
     SweepError,
@@ -53,10 +53,8 @@ from studio.runs.sweep import (
 from studio.training.launch import (
     ASSIGNED_ENV,
     DeviceRequest,
-    DistributedError,
     device_request,
     pick_devices,
-    request_problems,
     visible_gpus,
 )
 
@@ -76,69 +74,6 @@ class JobError(StudioError, RuntimeError):
     exit_code = ExitCode.FAILED
 
 
-def model_problems(config: RunConfig, known: list[Problem] | tuple[Problem, ...] = ()) -> list[Problem]:
-    """What is wrong with the model and its LoRA targets, found from the model's config alone (no weights),
-    so a bad path, an unreachable hub id or a missing layer is refused before a run exists."""
-    from studio.model.loading import (
-        BUNDLED_LINEAR_LAYERS,
-        ModelError,
-        build_skeleton,
-        bundled_gguf_path,
-        bundled_model_ready,
-        is_bundled_source,
-        load_config,
-        resolve_model,
-    )
-    from studio.model.targets import linear_layer_names, target_problem
-
-    if any(p.path == "model.source" for p in known):
-        return []  # already reported; nothing to resolve
-    available: list[str] | None = None
-    if is_bundled_source(config.model.source) and not bundled_model_ready():
-        # Being converted (the server prepares it in the background): its layers are known, and queueing
-        # must not wait for the conversion. The worker waits for it instead.
-        try:
-            bundled_gguf_path()
-        except ModelError as err:
-            return [Problem("model.source", " ".join(str(err).split()))]
-        available = list(BUNDLED_LINEAR_LAYERS)
-    else:
-        try:
-            model_config = load_config(resolve_model(config.model.source), config.model.trust_remote_code)
-        except ModelError as err:
-            # transformers' reasons span lines; a problem is one line
-            return [Problem("model.source", " ".join(str(err).split()))]
-    if any(p.path == "lora.target_modules" for p in known):
-        return []
-    if available is None:
-        try:
-            available = linear_layer_names(build_skeleton(model_config))
-        except (ValueError, KeyError) as err:  # transformers: no causal-LM class for this config
-            return [
-                Problem(
-                    "model.source",
-                    f"'{config.model.source}' is not a causal language model this version can train ({err}).",
-                )
-            ]
-    problem = target_problem(config.lora.target_modules, available)
-    return [problem] if problem else []
-
-
-def missing_datasets(home: Path, config: RunConfig) -> list[Problem]:
-    """A problem for each dataset the config names that this workspace has not registered."""
-    from studio.data import DataError, DatasetRegistry
-
-    registry = DatasetRegistry(home)
-    missing = []
-    for name in config.data.datasets:
-        try:
-            registry.get(name)
-        except (DataError, KeyError):
-            text = f"Dataset '{name}' is not registered. Register it first (studio datasets add)."
-            missing.append(Problem("data.datasets", text))
-    return missing
-
-
 def _gpu_ids(devices: str | None) -> list[int]:
     try:
         return parse_gpu_ids(devices)
@@ -148,7 +83,7 @@ def _gpu_ids(devices: str | None) -> list[int]:
 
 def make_run_id(name: str) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:32] or "run"
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{secrets.token_hex(2)}"
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{secrets.token_hex(4)}"
 
 
 def check_workspace(home: Path) -> None:
@@ -228,16 +163,12 @@ class JobManager:
     # -- submitting ---------------------------------------------------------------------------
     def submit(self, config: RunConfig, start: bool = True, sweep_id: str | None = None) -> Run:
         """Validate, create the run directory and its row (queued), and start it if a slot is free."""
-        problems = config.validate()
-        problems += missing_datasets(self.home, config)
-        problems += model_problems(config, problems)
-        problems += self._device_problems(config, problems)
+        problems = run_problems(config, self.home)
         if problems:
             raise ConfigError(problems)
         check_workspace(self.home)
-        run_id = make_run_id(config.name or "run")
+        run_id = self._new_run_dir(config.name or "run")
         run_dir = self.run_dir(run_id)
-        run_dir.mkdir(parents=True)
         try:
             config.save(RunDir(run_dir).config)
             run = self.store.create_run(run_id, config.name or run_id, config.to_dict(), str(run_dir), sweep_id)
@@ -258,13 +189,7 @@ class JobManager:
         name = name or base.name or "sweep"
         scan_steps = as_steps(scan_steps)
         plan = expand(base, params, scan_steps, name)  # raises SweepError listing every problem
-        problems = missing_datasets(self.home, base)  # datasets are not sweepable: the base's are every run's
-        seen: set[str] = set()
-        for _, config in plan:  # model and targets: once per distinct target_modules value
-            key = json.dumps(config.lora.target_modules)
-            if key not in seen:
-                seen.add(key)
-                problems += [p for p in model_problems(config) if p not in problems]
+        problems = sweep_problems([config for _, config in plan], self.home)
         if problems:
             raise SweepError(problems)
         check_workspace(self.home)
@@ -292,7 +217,7 @@ class JobManager:
         return sweep, [self.store.get_run(run_id) for run_id, *_ in entries]
 
     def _new_run_dir(self, name: str) -> str:
-        """A fresh run id and its directory; scan runs named alike within one second get another id."""
+        """A fresh run id and its directory; runs named alike within one second get another id."""
         while True:
             run_id = make_run_id(name)
             try:
@@ -343,16 +268,6 @@ class JobManager:
             return self.store.get_run(sweep.long_run_id)
         except RunNotFound:  # deleted: a new long run may be started
             return None
-
-    def _device_problems(self, config: RunConfig, known: list[Problem]) -> list[Problem]:
-        """A run asking for GPUs this queue does not have would wait forever: refused at submit."""
-        if any(p.path == "distribution.devices" for p in known):
-            return []
-        try:
-            gpus = visible_gpus()
-        except DistributedError as err:
-            return [Problem("", str(err))]
-        return request_problems(device_request(config, bool(gpus)), gpus)
 
     # -- scheduling ---------------------------------------------------------------------------
     def schedule(self) -> list[str]:

@@ -37,7 +37,8 @@ from studio.core.problems import Problem, Severity
 from studio.core.procs import child_pids, process_start_token
 from studio.core.store import IllegalTransition, RunStatus, Store
 from studio.core.workspace import RunDir, db_path, studio_home
-from studio.runs.queue import SPAWNED_ENV, JobManager, missing_datasets
+from studio.runs.preflight import run_problems
+from studio.runs.queue import SPAWNED_ENV, JobManager
 from studio.training.launch import (
     ASSIGNED_ENV,
     RankInfo,
@@ -351,25 +352,23 @@ def launch_and_wait(
 def join(config: RunConfig, home: Path, machine_rank: int) -> int:
     """Take part from this machine in a run that machine 0 started: its share of the processes, launched
     the same way; they report to machine 0's processes, not to a store here. Blocks until they end."""
-    from studio.model.loading import resolve_model
 
     config.distribution.machine_rank = machine_rank
-    problems = config.validate()
-    if not problems and config.distribution.num_machines < 2:
+    problems = run_problems(config, home, devices=False)
+    said = {p.path for p in problems}
+    if "distribution.num_machines" not in said and config.distribution.num_machines < 2:
         problems.append(
             Problem("distribution.num_machines", "distribution.num_machines is 1: there is no other machine to join.")
         )
-    if not problems and machine_rank < 1:
+    if "distribution.machine_rank" not in said and machine_rank < 1:
         problems.append(
             Problem(
                 "distribution.machine_rank",
                 "Machine 0 starts the run (studio train); the others join with --machine-rank 1, 2, ...",
             )
         )
-    problems += missing_datasets(home, config)
     if problems:
         raise ConfigError(problems)
-    resolve_model(config.model.source)
     run_dir = home / "joined" / f"{config.name or 'run'}-machine-{machine_rank}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True)
     config.save(RunDir(run_dir).config)

@@ -126,7 +126,7 @@ def test_queueing_a_bundled_run_does_not_wait_for_its_conversion(tmp_path, monke
     converted; the worker waits for the conversion instead of the page."""
     from studio.core.presets import load_preset
     from studio.model.loading import BUNDLED_DIRNAME
-    from studio.runs.queue import model_problems
+    from studio.runs.preflight import model_problems
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("STUDIO_MODEL_CACHE", str(cache))
