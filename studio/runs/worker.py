@@ -22,6 +22,7 @@ if __name__ == "__main__":
 
 import argparse
 import contextlib
+import logging
 import os
 import resource
 import subprocess
@@ -29,6 +30,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from studio.core.allocator import choose_allocator, loaded_allocator
@@ -48,6 +50,19 @@ from studio.training.launch import (
     typed_line,
 )
 
+# The run's log: the worker's stdout, which the queue sends to RUN_DIR/log.txt (with transformers' own output).
+LOG = logging.getLogger("studio.run")
+
+
+def log_to_stdout() -> None:
+    """Send the run's log to this process's stdout, one plain line per record, written at once."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    LOG.handlers[:] = [handler]
+    LOG.setLevel(logging.INFO)
+    LOG.propagate = False
+
+
 LAUNCHED_ENV = "STUDIO_LAUNCHED"  # set on `accelerate launch`: its processes are ranks of a run
 JOIN_ENV = "STUDIO_JOIN"  # ranks on a machine that joined another's run: no store of the run here
 
@@ -63,11 +78,11 @@ class StoreSink:
     def log(self, step: int, **values: float | None) -> None:
         self.store.log_metrics(self.run_id, step, **values)
         shown = " ".join(f"{k}={v:.4g}" for k, v in values.items() if v is not None)
-        print(f"[step {step}] {shown}", flush=True)
+        LOG.info(f"[step {step}] {shown}")
 
     def event(self, message: str, level: str = "info") -> None:
         self.store.add_event(self.run_id, message, level)
-        print(f"[{level}] {message}", flush=True)
+        LOG.info(f"[{level}] {message}")
 
     def progress(self, step: int, total: int) -> None:
         self.store.update_run(self.run_id, step=step, total_steps=total)
@@ -85,7 +100,7 @@ class RankSink:
 
     def event(self, message: str, level: str = "info") -> None:
         if level != "info":
-            print(f"[rank {self.rank}] [{level}] {message}", flush=True)
+            LOG.info(f"[rank {self.rank}] [{level}] {message}")
 
     def progress(self, step: int, total: int) -> None:
         pass
@@ -173,13 +188,13 @@ def record_result(store: Store, home: Path, run_id: str, result, sink: StoreSink
             step=result.global_step,
         )
         write_card_quietly(home, run_id, sink)
-        print(f"=== completed: adapter at {result.adapter_dir}", flush=True)
+        LOG.info(f"=== completed: adapter at {result.adapter_dir}")
     else:
         reason = "Aborted by request"
         if result.checkpoint_dir:
             reason += f"; resume continues from {Path(result.checkpoint_dir).name}"
         store.transition(run_id, RunStatus.ABORTED, error=reason, step=result.global_step)
-        print(f"=== aborted at step {result.global_step}", flush=True)
+        LOG.info(f"=== aborted at step {result.global_step}")
 
 
 def report_failure(store: Store | None, run_id: str, run_dir: Path, err: BaseException, who: str = "") -> None:
@@ -194,7 +209,7 @@ def report_failure(store: Store | None, run_id: str, run_dir: Path, err: BaseExc
             mark_failed(store, run_id, run_dir, message)
         except Exception:  # noqa: BLE001
             traceback.print_exc()
-    print(f"=== failed: {message}", flush=True)
+    LOG.info(f"=== failed: {message}")
 
 
 def mark_failed(store: Store, run_id: str, run_dir: Path, message: str) -> bool:
@@ -213,13 +228,13 @@ def mark_failed(store: Store, run_id: str, run_dir: Path, message: str) -> bool:
 def _install_stop_handler(on_stop=None) -> threading.Event:
     stop = threading.Event()
     if _EARLY_SIGNALS:  # asked to stop while still starting
-        print("[info] SIGTERM received while starting: stopping before training", flush=True)
+        LOG.info("[info] SIGTERM received while starting: stopping before training")
         stop.set()
 
     def on_signal(signum, _frame):
         first = not stop.is_set()
         if first:
-            print(f"[info] {signal.Signals(signum).name} received: saving a checkpoint and stopping", flush=True)
+            LOG.info(f"[info] {signal.Signals(signum).name} received: saving a checkpoint and stopping")
         stop.set()
         if on_stop is not None:
             on_stop(first)
@@ -233,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m studio.runs.worker", description="Train one run (internal).")
     parser.add_argument("run_dir", type=Path)
     args = parser.parse_args(argv)
+    log_to_stdout()
     run_dir = args.run_dir.resolve()
     home = studio_home()
     if os.environ.get(LAUNCHED_ENV) == "1":
@@ -252,9 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         store.transition(run_id, RunStatus.RUNNING, pid=os.getpid(), pid_started=process_start_token(os.getpid()))
         run = store.get_run(run_id)
     if run.status != RunStatus.RUNNING or run.pid != os.getpid():
-        print(
-            f"Run {run_id} is {run.status.value} (pid {run.pid}); this worker (pid {os.getpid()}) will not run it.",
-            file=sys.stderr,
+        LOG.warning(
+            f"Run {run_id} is {run.status.value} (pid {run.pid}); this worker (pid {os.getpid()}) will not run it."
         )
         return 2
 
@@ -277,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     if cap:
         sink.event(f"Memory cap for this run: {cap / 2**20:.0f} MiB (STUDIO_WORKER_MEMORY_MB)")
     allocator_event(sink)
-    print(f"=== run {run_id} started {time.strftime('%Y-%m-%d %H:%M:%S')} (pid {os.getpid()})", flush=True)
+    LOG.info(f"=== run {run_id} started {time.strftime('%Y-%m-%d %H:%M:%S')} (pid {os.getpid()})")
     code = 0
     try:
         config = RunConfig.load(RunDir(run_dir).config)
@@ -349,7 +364,7 @@ def launch_and_wait(
     return 1 if store.get_run(run_id).status == RunStatus.FAILED else 0
 
 
-def join(config: RunConfig, home: Path, machine_rank: int) -> int:
+def join(config: RunConfig, home: Path, machine_rank: int, announce: Callable[[str], None] = lambda _: None) -> int:
     """Take part from this machine in a run that machine 0 started: its share of the processes, launched
     the same way; they report to machine 0's processes, not to a store here. Blocks until they end."""
 
@@ -373,8 +388,7 @@ def join(config: RunConfig, home: Path, machine_rank: int) -> int:
     run_dir.mkdir(parents=True)
     config.save(RunDir(run_dir).config)
     cmd = launch_command(config, run_dir, config.distribution.device_ids())
-    print(f"Joining as machine {machine_rank} of {config.distribution.num_machines}:", flush=True)
-    print(f"  {typed_line(cmd)}", flush=True)
+    announce(f"Joining as machine {machine_rank} of {config.distribution.num_machines}:\n  {typed_line(cmd)}")
     env = dict(os.environ, STUDIO_HOME=str(home), **{LAUNCHED_ENV: "1", JOIN_ENV: "1"})
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env)
     try:
@@ -394,14 +408,14 @@ def rank_main(run_dir: Path, home: Path, rank: RankInfo) -> int:
     if store is not None:
         run = store.get_run(run_id)
         if run.status != RunStatus.RUNNING:
-            print(f"[rank {rank.rank}] run {run_id} is {run.status.value}: not training it.", file=sys.stderr)
+            LOG.warning(f"[rank {rank.rank}] run {run_id} is {run.status.value}: not training it.")
             return 2
         resume_from = run.resume_from
     else:
         resume_from = None
     stop = _install_stop_handler()
     sink = StoreSink(store, run_id) if (store is not None and rank.main) else RankSink(rank.rank)
-    print(f"=== rank {rank.rank} of {rank.world_size} started (pid {os.getpid()})", flush=True)
+    LOG.info(f"=== rank {rank.rank} of {rank.world_size} started (pid {os.getpid()})")
     try:
         from studio.training.loop import run_training
 

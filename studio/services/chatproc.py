@@ -438,7 +438,7 @@ def main() -> int:
         proto.flush()
 
     server = _Server(send)
-    print(f"chat process {os.getpid()} ready", file=sys.stderr, flush=True)
+    sys.stderr.write(f"chat process {os.getpid()} ready\n")  # its log, not the user's screen
     try:
         while True:
             line = sys.stdin.readline()

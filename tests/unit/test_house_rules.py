@@ -33,6 +33,15 @@ def test_the_engine_never_imports_gradio():
             assert not any(n == "gradio" or n.startswith(("gradio.", "gradio_client")) for n in names), path
 
 
+def test_the_engine_never_prints():
+    # Below the faces (cli, ui) output is data: returned, logged to a run's log, or sent over a child's pipe.
+    for path in python_files():
+        if {"ui", "cli"} & set(path.relative_to(STUDIO).parts):
+            continue
+        calls = [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Call)]
+        assert not [n.lineno for n in calls if isinstance(n.func, ast.Name) and n.func.id == "print"], path
+
+
 def test_remote_code_is_off_unless_asked():
     from studio.core.config import ModelSpec
 
