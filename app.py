@@ -4,9 +4,7 @@ import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from studio.ui.app import launch
+from studio.cli.main import main
 
 if __name__ == "__main__":
-    raise SystemExit(
-        launch(host=os.environ.get("STUDIO_HOST", "127.0.0.1"), port=int(os.environ.get("STUDIO_PORT", "7860")))
-    )
+    raise SystemExit(main(["serve"]))  # the same edge as `studio serve`: host, port, auth and policy from it

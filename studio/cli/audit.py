@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from studio.core.workspace import Workspace
 from studio.data.audit import DoctorReport, apply_fixes, diagnose, row_numbers, rows_to_remove
 from studio.data.registry import DatasetRegistry
 
@@ -29,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     """0 when no finding is a warning, 1 otherwise. DataError / ModelError go up to the CLI (exit 2)."""
-    registry = DatasetRegistry()
+    registry = DatasetRegistry(Workspace.from_env().home)
     examples = registry.load_examples(args.name)
     against = registry.load_examples(args.against) if args.against else None
     tokenizer = None

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from studio.cli.common import exits_cleanly
-from studio.core.workspace import RunDir
+from studio.core.workspace import RunDir, Workspace
 from studio.reports.card import write_card
 
 # -- CLI --------------------------------------------------------------------------------------------
@@ -25,7 +25,7 @@ def run_cli(args: argparse.Namespace) -> int:
     path = Path(run_id).expanduser()
     if path.is_dir():  # a run folder (or its adapter folder) names its run
         run_id = path.resolve().parent.name if path.name == RunDir.ADAPTER else path.resolve().name
-    readme = write_card(None, run_id)
+    readme = write_card(Workspace.from_env().home, run_id)
     if args.print_card:
         sys.stdout.write(readme.read_text(encoding="utf-8"))
     else:

@@ -10,7 +10,7 @@ from pathlib import Path
 from studio.services.checkup import check, repair
 
 
-def run_doctor(home: Path | None = None, do_repair: bool = False, as_json: bool = False) -> int:
+def run_doctor(home: Path, do_repair: bool = False, as_json: bool = False) -> int:
     """The CLI: print findings (and repairs). 0 when healthy or all repaired, 1 when problems remain."""
     findings = check(home)
     done = repair(home, findings) if do_repair and findings else []

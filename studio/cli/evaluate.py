@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.cli.common import exits_cleanly
+from studio.core.workspace import Workspace
 from studio.reports.evaluate import PROGRESS_PREFIX, EvalReport, EvalSpec, evaluate_run, summary_table
 
 # -- text output --------------------------------------------------------------------------------
@@ -84,7 +85,7 @@ def run_cli(args: argparse.Namespace, home: Path | None = None) -> int:
     def say(message: str) -> None:
         print(PROGRESS_PREFIX + message, file=sys.stderr, flush=True)
 
-    report = evaluate_run(spec_from_args(args), home, progress=say)
+    report = evaluate_run(spec_from_args(args), home or Workspace.from_env().home, progress=say)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:

@@ -13,13 +13,14 @@ import sys
 from pathlib import Path
 
 from studio.cli.common import UsageError, exits_cleanly, follow, load_run_config
+from studio.core.workspace import Workspace
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from studio.runs.queue import JobManager
 
     config = load_run_config(args.config, args.set)
-    jobs = JobManager()
+    jobs = JobManager.of(Workspace.from_env())
     run = jobs.submit(config)
     print(f"run {run.id}: {run.status.value}  (dir {run.run_dir})")
     if args.detach:
@@ -32,7 +33,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     from studio.core.store import iso
     from studio.runs.queue import JobManager
 
-    jobs = JobManager()
+    jobs = JobManager.of(Workspace.from_env())
     runs = jobs.store.list_runs()
     if args.json:
         print(json.dumps([r.to_dict() for r in runs], indent=2, default=str))
@@ -53,7 +54,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_run_show(args: argparse.Namespace) -> int:
     from studio.runs.queue import JobManager
 
-    jobs = JobManager()
+    jobs = JobManager.of(Workspace.from_env())
     run = jobs.store.get_run(args.run)
     print(json.dumps(run.to_dict(), indent=2, default=str))
     if args.log:
@@ -64,7 +65,7 @@ def cmd_run_show(args: argparse.Namespace) -> int:
 def cmd_abort(args: argparse.Namespace) -> int:
     from studio.runs.queue import JobManager
 
-    run = JobManager().abort(args.run)
+    run = JobManager.of(Workspace.from_env()).abort(args.run)
     print(f"run {run.id}: {run.status.value} (abort requested)")
     return 0
 
@@ -72,7 +73,7 @@ def cmd_abort(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     from studio.runs.queue import JobManager
 
-    jobs = JobManager()
+    jobs = JobManager.of(Workspace.from_env())
     run = jobs.resume(args.run, args.checkpoint)
     print(f"run {run.id}: {run.status.value}, from {run.resume_from or 'the start'}")
     return 0 if args.detach else follow(jobs, run.id)
@@ -81,7 +82,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_delete(args: argparse.Namespace) -> int:
     from studio.runs.queue import JobManager
 
-    JobManager().delete(args.run)
+    JobManager.of(Workspace.from_env()).delete(args.run)
     print(f"deleted {args.run}")
     return 0
 
@@ -94,7 +95,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
         return run_cli(args)
     from studio.data import DatasetRegistry
 
-    registry = DatasetRegistry()
+    registry = DatasetRegistry(Workspace.from_env().home)
     if args.action == "list":
         entries = registry.list()
         if args.json:
@@ -149,7 +150,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if not args.merge and not args.adapter:
         raise UsageError("say what to export: --merge OUT_DIR (merged model) or --adapter OUT_DIR")
-    adapter = find_adapter(args.run)
+    adapter = find_adapter(args.run, Workspace.from_env().home)
     if args.merge:
         result = merge_adapter(adapter, Path(args.merge), dtype=args.dtype, overwrite=args.overwrite)
     else:
@@ -211,7 +212,7 @@ def cmd_model(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from studio.cli.doctor import run_doctor
 
-    return run_doctor(do_repair=args.repair, as_json=args.json)
+    return run_doctor(Workspace.from_env().home, do_repair=args.repair, as_json=args.json)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -219,9 +220,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from studio.model.loading import bundled_model_ready
     from studio.ui.app import default_roots, launch
 
+    home = Workspace.from_env().home
     try:
         policy = serve_policy(
-            args.host, load_auth(args.auth, args.auth_file), args.insecure, [*default_roots(), *args.allow_root]
+            args.host, load_auth(args.auth, args.auth_file), args.insecure, [*default_roots(home), *args.allow_root]
         )
     except AccessError as err:
         raise UsageError(str(err)) from err
@@ -230,7 +232,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "Preparing the bundled model in the background (first start, about a minute); the page works meanwhile.",
             flush=True,
         )
-    return launch(host=policy.host, port=args.port, auth=policy.auth, allowed_roots=policy.allowed_roots)
+    return launch(home, host=policy.host, port=args.port, auth=policy.auth, allowed_roots=policy.allowed_roots)
 
 
 def cmd_join(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from studio.cli.common import exits_cleanly
 from studio.core.config import RunConfig
 from studio.core.store import Run, RunStatus, iso
+from studio.core.workspace import Workspace
 from studio.runs.queue import JobManager
 from studio.runs.sweep import (
     DEFAULT_SCAN_STEPS,
@@ -71,7 +72,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
 
     config = load_run_config(args.config, args.set)
     params = parse_params(args.param)
-    jobs = JobManager()
+    jobs = JobManager.of(Workspace.from_env())
     sweep, runs = jobs.submit_sweep(config, params, args.scan_steps, args.name or config.name or "sweep")
     print(f"sweep {sweep.id}: {len(runs)} scan runs of {sweep.scan_steps} steps each, cheapest first")
     for note in sweep_notes(config, params, sweep.scan_steps):
@@ -142,7 +143,7 @@ def _print_summary(jobs, sweep_id: str) -> int:
 
 def _cmd_show(args: argparse.Namespace) -> int:
 
-    jobs = JobManager()
+    jobs = JobManager.of(Workspace.from_env())
     if not args.json:
         _print_summary(jobs, args.sweep)
         return 0
@@ -159,7 +160,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 def _cmd_promote(args: argparse.Namespace) -> int:
     from studio.cli.common import follow
 
-    jobs = JobManager()
+    jobs = JobManager.of(Workspace.from_env())
     run = jobs.promote_sweep(args.sweep)
     config = RunConfig.from_dict(run.config)
     print(f"long run {run.id}: {run.status.value}, {long_run_length(config)}  (dir {run.run_dir})")
@@ -171,7 +172,7 @@ def _cmd_promote(args: argparse.Namespace) -> int:
 
 def _cmd_list(args: argparse.Namespace) -> int:
 
-    store = JobManager().store
+    store = JobManager.of(Workspace.from_env()).store
     sweeps = store.list_sweeps()
     if args.json:
         print(json.dumps([s.to_dict() for s in sweeps], indent=2, default=str))

@@ -14,37 +14,79 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def studio_home() -> Path:
-    """The workspace root: STUDIO_HOME, or ./workspace beside the project."""
+    """The workspace root: STUDIO_HOME, or ./workspace beside the project. Read at the edges only (the CLI,
+    the server, a child process's main), through Workspace.from_env; the engine is handed the folder."""
     env = os.environ.get("STUDIO_HOME")
     home = Path(env).expanduser() if env else REPO_ROOT / "workspace"
     return home.resolve()
 
 
-def ensure_home(home: Path | None = None) -> Path:
-    home = home or studio_home()
+def ensure_home(home: Path) -> Path:
     for sub in ("datasets", "runs", "models"):
         (home / sub).mkdir(parents=True, exist_ok=True)
     return home
 
 
-def db_path(home: Path | None = None) -> Path:
-    return (home or studio_home()) / "studio.db"
+def db_path(home: Path) -> Path:
+    return home / "studio.db"
 
 
-def runs_dir(home: Path | None = None) -> Path:
-    return (home or studio_home()) / "runs"
+def runs_dir(home: Path) -> Path:
+    return home / "runs"
 
 
-def datasets_dir(home: Path | None = None) -> Path:
-    return (home or studio_home()) / "datasets"
+def datasets_dir(home: Path) -> Path:
+    return home / "datasets"
 
 
 def models_cache_dir(home: Path | None = None) -> Path:
-    """Converted models. STUDIO_MODEL_CACHE lets several workspaces (test runs) share one conversion."""
+    """Converted models. STUDIO_MODEL_CACHE lets several workspaces (test runs) share one conversion; a
+    model is machine-wide, so without a workspace at hand the default one's cache is meant."""
     env = os.environ.get("STUDIO_MODEL_CACHE")
     if env:
         return Path(env).expanduser().resolve()
     return (home or studio_home()) / "models"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Where the studio keeps everything (STUDIO_HOME) and the settings that come with the place. Built once
+    at an edge by `Workspace.from_env()`; below it, the engine is handed `workspace.home`."""
+
+    home: Path
+    slots: int = 1  # CPU runs trained at once (STUDIO_SLOTS)
+    min_free_mb: float = 200  # room a run needs for its checkpoints (STUDIO_MIN_FREE_MB)
+
+    @classmethod
+    def from_env(cls, home: Path | None = None) -> Workspace:
+        """The workspace of this process: STUDIO_HOME (or `home`) and the STUDIO_* settings. Nothing is
+        created: looking at a workspace never makes one (JobManager and the server make its folders)."""
+        slots = os.environ.get("STUDIO_SLOTS", "1")
+        free = os.environ.get("STUDIO_MIN_FREE_MB", "200")
+        return cls(Path(home).resolve() if home else studio_home(), int(slots), float(free))
+
+    @property
+    def db(self) -> Path:
+        return db_path(self.home)
+
+    @property
+    def runs(self) -> Path:
+        return runs_dir(self.home)
+
+    @property
+    def datasets(self) -> Path:
+        return datasets_dir(self.home)
+
+    @property
+    def model_cache(self) -> Path:
+        return models_cache_dir(self.home)
+
+    @property
+    def min_free_bytes(self) -> int:
+        return int(self.min_free_mb * 2**20)
+
+    def run(self, run_id: str) -> RunDir:
+        return RunDir(self.runs / run_id)
 
 
 def bundled_datasets_dir() -> Path:

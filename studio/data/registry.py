@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from studio.core.workspace import bundled_datasets_dir, datasets_dir, studio_home
+from studio.core.workspace import bundled_datasets_dir, datasets_dir
 from studio.data.clean import CleanOptions, CleanReport, clean_examples
 from studio.data.errors import DataError
 from studio.data.formats import ColumnMap, Example, check_format, detect_format, guess_column_map
@@ -125,8 +125,8 @@ def _now() -> str:
 
 
 class DatasetRegistry:
-    def __init__(self, home: Path | None = None, bundled_dir: Path | None = None) -> None:
-        self.home = Path(home) if home is not None else studio_home()
+    def __init__(self, home: Path, bundled_dir: Path | None = None) -> None:
+        self.home = Path(home)
         self.root = datasets_dir(self.home)
         self.bundled_dir = Path(bundled_dir) if bundled_dir is not None else bundled_datasets_dir()
 

@@ -528,12 +528,12 @@ def reproduce_section(run: Run, command: str, config: dict, base: BaseModelInfo,
 # -- writing ----------------------------------------------------------------------------------------
 
 
-def write_card(home: Path | None, run_id: str) -> Path:
+def write_card(home: Path, run_id: str) -> Path:
     """Write the card of a run: beside its adapter (<adapter>/README.md, images in <adapter>/card/), or in
     RUN_DIR/card/ when no adapter exists. Returns the README path."""
-    from studio.core.workspace import db_path, studio_home
+    from studio.core.workspace import db_path
 
-    home = Path(home) if home is not None else studio_home()
+    home = Path(home)
     if not db_path(home).is_file():
         raise CardError(f"No workspace at {home} (no studio.db). Set STUDIO_HOME to the studio's workspace.")
     store = Store(db_path(home))

@@ -30,7 +30,7 @@ from studio.core.config import ConfigError, RunConfig
 from studio.core.errors import StudioError
 from studio.core.fsutil import atomic_write
 from studio.core.store import Run, RunNotFound, RunStatus, Store
-from studio.core.workspace import RunDir, db_path, studio_home
+from studio.core.workspace import RunDir, db_path
 from studio.data import DataError, Example, Sample
 from studio.data.tokenize import CHATML_TEMPLATE, IGNORE_INDEX, build_sample
 
@@ -363,9 +363,9 @@ def _run_config(run: Run) -> RunConfig:
         raise EvalError(f"Run {run.id}'s config cannot be read: {'; '.join(map(str, err.problems))}") from err
 
 
-def check_spec(spec: EvalSpec, home: Path | None = None) -> Target:
+def check_spec(spec: EvalSpec, home: Path) -> Target:
     """Everything that can be wrong before a model loads: the run, its adapter, the data asked for."""
-    home = Path(home or studio_home())
+    home = Path(home)
     try:
         run = Store(db_path(home)).get_run(spec.run_id)
     except RunNotFound as err:
@@ -410,7 +410,7 @@ class EvalData:
     note: str | None = None  # a caveat the user should see (scoring rows the run trained on)
 
 
-def select_data(target: Target, spec: EvalSpec, tokenizer, home: Path | None = None) -> EvalData:
+def select_data(target: Target, spec: EvalSpec, tokenizer, home: Path) -> EvalData:
     """The samples scored for loss and the prompts answered, tokenized exactly as the run tokenized."""
     config = target.config
     if target.dataset == VALIDATION:
@@ -593,10 +593,10 @@ def generate_answers(
 # -- the whole evaluation -----------------------------------------------------------------------
 
 
-def evaluate_run(spec: EvalSpec, home: Path | None = None, progress: Callable[[str], None] | None = None) -> EvalReport:
+def evaluate_run(spec: EvalSpec, home: Path, progress: Callable[[str], None] | None = None) -> EvalReport:
     """Score a finished run with and without its adapter; write and return the report."""
     say = progress or (lambda _message: None)
-    home = Path(home or studio_home())
+    home = Path(home)
     target = check_spec(spec, home)
     tokenizer = load_tokenizer_for(target)
     data = select_data(target, spec, tokenizer, home)  # data problems surface before minutes of loading
@@ -638,7 +638,7 @@ def evaluate_run(spec: EvalSpec, home: Path | None = None, progress: Callable[[s
     return report
 
 
-def _refresh_card(home: Path | None, run_id: str, say: Callable[[str], None]) -> None:
+def _refresh_card(home: Path, run_id: str, say: Callable[[str], None]) -> None:
     """The run card next to the adapter gains its Evaluation section; a card that cannot be written
     never fails an evaluation that succeeded."""
     from studio.reports.card import write_card
@@ -686,13 +686,11 @@ def child_outcome(pid: int, code: int, stdout: str, stderr_tail: Sequence[str]) 
     return ChildEval(pid, code, None, f"The evaluation process ended with {procs.exit_description(code)}: {last}")
 
 
-def eval_process(
-    spec: EvalSpec, home: Path | None = None, timeout_s: float = EVAL_TIMEOUT_S
-) -> Iterator[str | ChildEval]:
+def eval_process(spec: EvalSpec, home: Path, timeout_s: float = EVAL_TIMEOUT_S) -> Iterator[str | ChildEval]:
     """Run the evaluation as `python -m studio.cli eval ... --json` in a child process: yields its
     progress messages, then one ChildEval. The child is ended and reaped however this stops: done,
     past the time limit, or closed early by the caller (a page closed mid-evaluation)."""
-    env = procs.python_env(home or studio_home(), TOKENIZERS_PARALLELISM="false")
+    env = procs.python_env(home, TOKENIZERS_PARALLELISM="false")
     # stdout to a file, not a pipe: a long report would fill a pipe nobody reads while stderr is followed.
     with tempfile.TemporaryFile("w+", encoding="utf-8") as out:
         popen = procs.spawn(child_command(spec), env, stdout=out, stderr=subprocess.PIPE)
@@ -729,7 +727,7 @@ def eval_process(
             procs.end(popen)
 
 
-def evaluate_in_child(spec: EvalSpec, home: Path | None = None, timeout_s: float = EVAL_TIMEOUT_S) -> ChildEval:
+def evaluate_in_child(spec: EvalSpec, home: Path, timeout_s: float = EVAL_TIMEOUT_S) -> ChildEval:
     """eval_process without the progress: blocks until the child is done and gone."""
     outcome: ChildEval | None = None
     for item in eval_process(spec, home, timeout_s):

@@ -38,7 +38,7 @@ class ExportResult:
         return f"Saved to {self.out_dir} ({self.total_bytes / 2**20:.1f} MiB):\n" + "\n".join(lines)
 
 
-def find_adapter(run_or_path: str, home: Path | None = None) -> Path:
+def find_adapter(run_or_path: str, home: Path) -> Path:
     """An adapter folder given as a path, or as a run id whose training completed."""
     path = Path(run_or_path).expanduser()
     if path.is_dir():
@@ -48,9 +48,9 @@ def find_adapter(run_or_path: str, home: Path | None = None) -> Path:
             return RunDir(path).adapter.resolve()
         raise ExportError(f"'{run_or_path}' holds no adapter (adapter_config.json + adapter_model.safetensors).")
     from studio.core.store import RunNotFound, Store
-    from studio.core.workspace import db_path, studio_home
+    from studio.core.workspace import db_path
 
-    store = Store(db_path(home or studio_home()))
+    store = Store(db_path(home))
     try:
         run = store.get_run(run_or_path)
     except RunNotFound as err:

@@ -28,12 +28,12 @@ from studio.core.procs import process_alive, process_start_token
 from studio.core.store import Run, RunNotFound, RunStatus, Store, Sweep
 from studio.core.workspace import (
     RunDir,
+    Workspace,
     checkpoint_problem,
     checkpoint_step,
     db_path,
     ensure_home,
     runs_dir,
-    studio_home,
 )
 from studio.runs.preflight import run_problems, sweep_problems
 from studio.runs.sweep import (
@@ -58,13 +58,6 @@ from studio.training.launch import (
     visible_gpus,
 )
 
-
-def min_free_bytes() -> int:
-    """Room a run needs for its checkpoints; STUDIO_MIN_FREE_MB overrides (default 200 MiB: a small adapter
-    plus optimizer state, with room to spare)."""
-    return int(float(os.environ.get("STUDIO_MIN_FREE_MB", "200")) * 2**20)
-
-
 SPAWNED_ENV = "STUDIO_WORKER_SPAWNED"  # set by the queue: the worker waits for its row, never claims it
 
 
@@ -86,7 +79,7 @@ def make_run_id(name: str) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{secrets.token_hex(4)}"
 
 
-def check_workspace(home: Path) -> None:
+def check_workspace(home: Path, min_free_mb: float = Workspace.min_free_mb) -> None:
     """Refuse a start that would die mid-run for want of a writable, roomy workspace."""
     # Unique per call: two starts in one server process at once must not remove each other's probe.
     probe = home / "runs" / f".write-test-{os.getpid()}-{secrets.token_hex(6)}"
@@ -98,7 +91,7 @@ def check_workspace(home: Path) -> None:
             f"The workspace {home} is not writable ({err.strerror}). Fix its permissions or set "
             "STUDIO_HOME to a writable folder."
         ) from err
-    free, need = shutil.disk_usage(home).free, min_free_bytes()
+    free, need = shutil.disk_usage(home).free, int(min_free_mb * 2**20)
     if free < need:
         raise JobError(
             f"Only {free / 2**20:.0f} MiB free on the disk of {home}; a run needs at least "
@@ -136,14 +129,20 @@ def _no_pick_message(sweep_id: str, rows: list[SweepRow]) -> str:
 
 @dataclass
 class JobManager:
-    home: Path = field(default_factory=studio_home)
-    slots: int = field(default_factory=lambda: int(os.environ.get("STUDIO_SLOTS", "1")))
+    home: Path
+    slots: int = Workspace.slots  # CPU runs at once; GPU runs take one of the GPUs instead
+    min_free_mb: float = Workspace.min_free_mb  # refuse a start with less room on the disk than this
     _store: Store | None = field(default=None, init=False, repr=False)
     _children: dict[int, subprocess.Popen] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.home = ensure_home(Path(self.home))
         self.reconcile()
+
+    @classmethod
+    def of(cls, workspace: Workspace) -> JobManager:
+        """The queue of a workspace, with its settings."""
+        return cls(workspace.home, workspace.slots, workspace.min_free_mb)
 
     @property
     def store(self) -> Store:
@@ -166,7 +165,7 @@ class JobManager:
         problems = run_problems(config, self.home)
         if problems:
             raise ConfigError(problems)
-        check_workspace(self.home)
+        check_workspace(self.home, self.min_free_mb)
         run_id = self._new_run_dir(config.name or "run")
         run_dir = self.run_dir(run_id)
         try:
@@ -192,7 +191,7 @@ class JobManager:
         problems = sweep_problems([config for _, config in plan], self.home)
         if problems:
             raise SweepError(problems)
-        check_workspace(self.home)
+        check_workspace(self.home, self.min_free_mb)
         sweep_id = make_run_id(f"sweep {name}")
         entries: list[tuple[str, str, dict[str, Any], str]] = []
         try:

@@ -38,7 +38,7 @@ from studio.core.config import ConfigError, RunConfig, parse_gpu_ids
 from studio.core.problems import Problem, Severity
 from studio.core.procs import child_pids, process_start_token
 from studio.core.store import IllegalTransition, RunStatus, Store
-from studio.core.workspace import RunDir, db_path, studio_home
+from studio.core.workspace import RunDir, Workspace, db_path
 from studio.runs.preflight import run_problems
 from studio.runs.queue import SPAWNED_ENV, JobManager
 from studio.training.launch import (
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     log_to_stdout()
     run_dir = args.run_dir.resolve()
-    home = studio_home()
+    home = Workspace.from_env().home
     if os.environ.get(LAUNCHED_ENV) == "1":
         return rank_main(run_dir, home, rank_info())
     store = Store(db_path(home))
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         code = 1
     finally:
         try:
-            JobManager(home).schedule()  # the queue moves on without a server
+            JobManager.of(Workspace.from_env(home)).schedule()  # the queue moves on without a server
         except Exception:  # noqa: BLE001 - never let the hand-off mask the run's own outcome
             traceback.print_exc()
     return code

@@ -31,7 +31,7 @@ from typing import Any
 from studio.core import procs
 from studio.core.errors import ExitCode, StudioError
 from studio.core.procs import exit_description, rss_mb
-from studio.core.workspace import RunDir, studio_home
+from studio.core.workspace import RunDir
 from studio.services.chat import BASE, GenerationSettings, final_text
 
 ROLES = ("system", "user", "assistant")
@@ -94,7 +94,7 @@ def _unload_all() -> None:
 class ChatProcess:
     """The client: starts, talks to and ends a child process hosting a studio.services.chat.ChatSession."""
 
-    home: Path = field(default_factory=studio_home)  # the child's STUDIO_HOME; its log goes to home/logs
+    home: Path  # the child's STUDIO_HOME; its log goes to home/logs
     load_timeout_s: float = 900.0  # start() and add_adapter(): a big model from a slow disk
     token_timeout_s: float = 300.0  # the longest silence between two pieces of a reply
     request_timeout_s: float = 60.0  # status and remove_adapter

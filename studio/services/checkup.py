@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from studio.core.store import RunStatus, Store
-from studio.core.workspace import RunDir, datasets_dir, db_path, ensure_home, runs_dir, studio_home
+from studio.core.workspace import RunDir, datasets_dir, db_path, ensure_home, runs_dir
 
 TRASH = "trash"
 TEMP_PREFIXES = (".tmp", ".export-", ".convert-", ".adding-", ".removing-", ".write-test-")
@@ -192,9 +192,9 @@ CHECKS = (
 )
 
 
-def check(home: Path | None = None) -> list[Finding]:
+def check(home: Path) -> list[Finding]:
     """Every problem in the workspace, changing nothing."""
-    home = ensure_home(Path(home) if home else studio_home())
+    home = ensure_home(Path(home))
     store = Store(db_path(home))
     try:
         return [f for c in CHECKS for f in c(home, store)]
@@ -261,9 +261,9 @@ def _do_repairone(home: Path, finding: Finding, store: Store, trash: Path) -> st
     raise ValueError(f"no repair for {kind}")
 
 
-def repair(home: Path | None, findings: list[Finding]) -> list[str]:
+def repair(home: Path, findings: list[Finding]) -> list[str]:
     """Fix the repairable findings; returns one line per action taken."""
-    home = ensure_home(Path(home) if home else studio_home())
+    home = ensure_home(Path(home))
     store = Store(db_path(home))
     trash = trash_dir(home)
     done = []

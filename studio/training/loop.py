@@ -252,7 +252,7 @@ class _Run:
     run_dir: Path
     sink: MetricSink
     should_stop: Callable[[], bool]
-    home: Path | None
+    home: Path
     stage: Stage
     device: str
     rank: RankInfo
@@ -286,7 +286,8 @@ def run_training(
     sink: MetricSink,
     should_stop: Callable[[], bool] = lambda: False,
     resume_from: str | None = None,
-    home: Path | None = None,
+    *,
+    home: Path,
     stage: StageName = DEFAULT_STAGE,
 ) -> TrainResult:
     """Train one adapter: runtime, data (the stage's), model + LoRA, the stage's trainer, then save."""
@@ -313,7 +314,7 @@ def _resolve_runtime(
     run_dir: Path,
     sink: MetricSink,
     should_stop: Callable[[], bool],
-    home: Path | None,
+    home: Path,
     stage: Stage,
     started: float,
 ) -> _Run:

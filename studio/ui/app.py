@@ -14,7 +14,7 @@ from pathlib import Path
 import gradio as gr
 
 from studio.core.security import ROOTS_ENV
-from studio.core.workspace import bundled_datasets_dir, ensure_home, models_cache_dir, studio_home
+from studio.core.workspace import bundled_datasets_dir, ensure_home, models_cache_dir
 from studio.model.loading import prepare_bundled_model
 from studio.ui import chat, datasets, evaluate, export, runs, train
 from studio.ui.common import UIContext
@@ -42,9 +42,9 @@ def warm_imports() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
 
-def build_app(home: Path | None = None) -> gr.Blocks:
+def build_app(home: Path) -> gr.Blocks:
     warm_imports()
-    ctx = UIContext(ensure_home(home or studio_home()))
+    ctx = UIContext(ensure_home(home))
     ctx.jobs.reconcile()  # runs whose worker died while no server was up become interrupted
     with gr.Blocks(title=TITLE) as app:
         gr.Markdown(
@@ -58,24 +58,23 @@ def build_app(home: Path | None = None) -> gr.Blocks:
     return app
 
 
-def default_roots(home: Path | None = None) -> list[Path]:
+def default_roots(home: Path) -> list[Path]:
     """What a network-facing studio may always read: its workspace, converted models, the bundled samples,
     and gradio's upload folder (uploads land there before they are registered)."""
-    home = home or studio_home()
     upload_dir = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
     return [home, models_cache_dir(home), bundled_datasets_dir(), upload_dir]
 
 
 def launch(
+    home: Path,
     host: str = "127.0.0.1",
     port: int = 7860,
-    home: Path | None = None,
     auth: list[tuple[str, str]] | None = None,
     allowed_roots: list[Path] | None = None,
     **kwargs,
 ) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    home = ensure_home(home or studio_home())
+    home = ensure_home(home)
     if allowed_roots is not None:
         # Read by the engine (studio.core.security.ensure_allowed) in this process and in the workers it starts.
         os.environ[ROOTS_ENV] = os.pathsep.join(str(p) for p in allowed_roots)

@@ -11,19 +11,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from studio.core.problems import Severity
-from studio.core.workspace import studio_home
+from studio.core.workspace import Workspace
 from studio.runs.queue import JobManager
 
 
 @dataclass
 class UIContext:
-    home: Path = field(default_factory=studio_home)
+    home: Path
     _jobs: JobManager | None = field(default=None, init=False, repr=False)
 
     @property
     def jobs(self) -> JobManager:
         if self._jobs is None:
-            self._jobs = JobManager(self.home)
+            self._jobs = JobManager.of(Workspace.from_env(self.home))
         return self._jobs
 
     def registry(self):

@@ -13,7 +13,7 @@ import pytest
 from studio.core.config import RunConfig
 from studio.core.procs import process_alive
 from studio.core.store import RunStatus
-from studio.core.workspace import RunDir, checkpoint_step
+from studio.core.workspace import RunDir, Workspace, checkpoint_step
 from studio.runs.queue import JobManager
 from tests.builders import small_run_config
 
@@ -120,10 +120,10 @@ def test_out_of_memory_fails_with_the_reason_and_what_to_change(jobs, tiny_model
 def test_unwritable_workspace_and_full_disk_are_refused_at_start(jobs, home, tiny_model_dir, monkeypatch):
     from studio.runs.queue import JobError
 
-    monkeypatch.setenv("STUDIO_MIN_FREE_MB", str(10**12))  # more room than any disk has
+    jobs.min_free_mb = 10**12  # more room than any disk has (STUDIO_MIN_FREE_MB)
     with pytest.raises(JobError, match="MiB free on the disk"):
         jobs.submit(tiny_config(tiny_model_dir, max_steps=3))
-    monkeypatch.delenv("STUDIO_MIN_FREE_MB")
+    jobs.min_free_mb = Workspace.min_free_mb
     runs = home / "runs"
     runs.rmdir()
     runs.write_text("not a folder")  # writes under runs/ now fail, also for root

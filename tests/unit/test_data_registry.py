@@ -281,6 +281,9 @@ def test_bundled_samples_are_listed_and_load(registry):
     assert sum(len(e.messages) > 3 for e in registry.load_examples("studio-chats")) >= 5  # multi-turn ones
 
 
-def test_default_home_is_studio_home(tmp_path, monkeypatch):
+def test_the_workspace_of_studio_home_keeps_its_datasets_there(tmp_path, monkeypatch):
+    # STUDIO_HOME is read once, at the edge (Workspace.from_env); the registry is handed the folder.
+    from studio.core.workspace import Workspace
+
     monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "ws"))
-    assert DatasetRegistry().root == (tmp_path / "ws" / "datasets").resolve()
+    assert DatasetRegistry(Workspace.from_env().home).root == (tmp_path / "ws" / "datasets").resolve()

@@ -132,8 +132,7 @@ def test_completed_run_without_adapter_is_failed_and_resumable(home, store, monk
     assert run.status == RunStatus.FAILED and "adapter files of this completed run are missing" in run.error
     assert (run_dir / "checkpoints" / "checkpoint-5").is_dir()  # kept
     assert doctor.check(home) == []
-    monkeypatch.setenv("STUDIO_SLOTS", "0")
-    assert JobManager(home).resume("noadapter").status == RunStatus.QUEUED
+    assert JobManager(home, slots=0).resume("noadapter").status == RunStatus.QUEUED
 
 
 def test_queued_run_without_config_gets_it_back_from_the_store(home, store):

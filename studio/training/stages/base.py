@@ -41,7 +41,7 @@ class Stage(Protocol):
     metrics: tuple[str, ...]  # the store's metric fields its runs log
     form_fields: tuple[str, ...]  # the config field paths ("section.field") the Train form shows for it
 
-    def build_data(self, config: RunConfig, tokenizer: Any, home: Path | None = None) -> StageData:
+    def build_data(self, config: RunConfig, tokenizer: Any, home: Path) -> StageData:
         """The registered datasets as this stage's train and eval rows."""
         ...
 

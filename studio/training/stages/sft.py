@@ -71,11 +71,11 @@ class SplitData:
     dropped: int  # samples with no trained token left (answer cut off, or labels all masked)
 
 
-def split_data(config: RunConfig, tokenizer, home: Path | None = None) -> SplitData:
+def split_data(config: RunConfig, tokenizer, home: Path) -> SplitData:
     """Registered datasets -> tokenized, masked samples, split into train and eval like training does."""
     from studio.data import DatasetRegistry, build_sample
 
-    registry = DatasetRegistry(home) if home is not None else DatasetRegistry()
+    registry = DatasetRegistry(home)
     pairs = []
     total = 0
     for name in config.data.datasets:
@@ -104,7 +104,7 @@ def split_data(config: RunConfig, tokenizer, home: Path | None = None) -> SplitD
     )
 
 
-def prepare_data(config: RunConfig, tokenizer, home: Path | None = None) -> StageData:
+def prepare_data(config: RunConfig, tokenizer, home: Path) -> StageData:
     """Registered datasets -> tokenized, masked samples, split into train and eval, optionally packed."""
     from studio.data import pack_samples
 
@@ -152,7 +152,7 @@ class SupervisedStage:
         "data.train_on_prompt",
     )
 
-    def build_data(self, config: RunConfig, tokenizer: Any, home: Path | None = None) -> StageData:
+    def build_data(self, config: RunConfig, tokenizer: Any, home: Path) -> StageData:
         return prepare_data(config, tokenizer, home)
 
     def collator(self, config: RunConfig, tokenizer: Any, counter: TokenCounter) -> Collator:
