@@ -89,13 +89,20 @@ def child_env(env: Mapping[str, str], allocator: Allocator | None = None) -> dic
     return out
 
 
-def loaded_allocator(maps: Path = Path("/proc/self/maps")) -> str:
-    """The allocator this process actually runs under, read from its memory map."""
+def loaded_allocator() -> str:
+    """The allocator this process actually runs under, read from its memory map (psutil)."""
+    import psutil
+
     try:
-        text = maps.read_text()
-    except OSError:
+        paths = [m.path for m in psutil.Process().memory_maps(grouped=True)]
+    except (OSError, AttributeError, psutil.Error):  # AttributeError: no memory_maps on this platform
         return "unknown"
+    return allocator_of(paths)
+
+
+def allocator_of(mapped_paths: list[str]) -> str:
+    """Which allocator a process with these files mapped runs under."""
     for name, libs in LIBRARIES.items():
-        if any(lib in text for lib in libs):
+        if any(lib in path for path in mapped_paths for lib in libs):
             return name
     return "system"

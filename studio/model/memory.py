@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from studio.core.config import ConfigError, RunConfig
@@ -496,8 +495,9 @@ def suggestions(
 # -- the machine ----------------------------------------------------------------------------------
 
 
-def device_free_memory(device: str, meminfo: Path = Path("/proc/meminfo")) -> int | None:
-    """Free bytes on the device: CUDA's own count, or the kernel's MemAvailable on CPU; None if unknown."""
+def device_free_memory(device: str) -> int | None:
+    """Free bytes on the device: CUDA's own count, or the memory the system can give without swapping
+    (psutil's `available`, the kernel's MemAvailable on Linux) on CPU; None if unknown."""
     if device == "cuda":
         try:
             import torch
@@ -505,13 +505,12 @@ def device_free_memory(device: str, meminfo: Path = Path("/proc/meminfo")) -> in
             return int(torch.cuda.mem_get_info()[0]) if torch.cuda.is_available() else None
         except (ImportError, RuntimeError):
             return None
+    import psutil
+
     try:
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
+        return int(psutil.virtual_memory().available)
+    except (OSError, psutil.Error):
         return None
-    return None
 
 
 def plan_device(preference: str) -> str:

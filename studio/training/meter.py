@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-import resource
 from dataclasses import dataclass
 from typing import Any
 
+from studio.core.procs import peak_rss_mb
 from studio.training.launch import RankInfo, reduce_over_ranks
 
 
@@ -40,8 +40,7 @@ def peak_memory_mb(device: str) -> float:
         import torch
 
         return torch.cuda.max_memory_allocated() / 2**20
-    # ru_maxrss is in KiB on Linux: the process's peak resident memory.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_mb()
 
 
 def throughput(runtime: Any, counter: TokenCounter, device: str, rank: RankInfo = RankInfo()) -> dict[str, float]:

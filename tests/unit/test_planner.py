@@ -246,12 +246,11 @@ def test_suggestions_skip_changes_that_make_the_config_invalid(small):
     assert not any("QLoRA" in t.change for t in suggestions(small[0], cfg, 1, "cuda", small[1]))
 
 
-def test_cpu_free_memory_reads_memavailable(tmp_path):
-    meminfo = tmp_path / "meminfo"
-    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   12345678 kB\n")
-    assert device_free_memory("cpu", meminfo) == 12345678 * 1024
-    meminfo.write_text("nothing useful\n")
-    assert device_free_memory("cpu", meminfo) is None
+def test_cpu_free_memory_is_what_the_system_can_give():
+    import psutil
+
+    free = device_free_memory("cpu")
+    assert free is not None and 0 < free <= psutil.virtual_memory().total
 
 
 # -- studio plan ----------------------------------------------------------------------------------
