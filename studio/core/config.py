@@ -16,7 +16,7 @@ import yaml
 
 from studio.core.errors import StudioError
 from studio.core.fsutil import atomic_write
-from studio.core.problems import Problem, as_problem
+from studio.core.problems import Problem, Problems, as_problem
 
 COMPUTE_TYPES = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -94,47 +94,37 @@ class LoraSpec:
     )
 
     def validate(self) -> list[Problem]:
-        p: list[Problem] = []
+        p = Problems()
         if not _is_int(self.r) or self.r < 1:
-            p.append(
-                Problem("lora.r", f"lora.r must be a whole number of at least 1 (got {self.r!r}); try 8, 16 or 32.")
-            )
+            p.add("lora.r", f"lora.r must be a whole number of at least 1 (got {self.r!r}); try 8, 16 or 32.")
         elif self.r > 1024:
-            p.append(Problem("lora.r", f"lora.r={self.r} is far above useful ranks (8-256)."))
+            p.add("lora.r", f"lora.r={self.r} is far above useful ranks (8-256).")
         if not _is_number(self.alpha) or self.alpha <= 0:
-            p.append(Problem("lora.alpha", f"lora.alpha must be a positive number (got {self.alpha!r}); 2*r is usual."))
+            p.add("lora.alpha", f"lora.alpha must be a positive number (got {self.alpha!r}); 2*r is usual.")
         if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
-            p.append(
-                Problem("lora.dropout", f"lora.dropout must be in [0, 1) (got {self.dropout!r}); 0.05-0.1 is typical.")
-            )
+            p.add("lora.dropout", f"lora.dropout must be in [0, 1) (got {self.dropout!r}); 0.05-0.1 is typical.")
         if isinstance(self.target_modules, str):
             if not self.target_modules.strip():
-                p.append(
-                    Problem(
-                        "lora.target_modules",
-                        "lora.target_modules is empty",
-                        "use 'all-linear' or name layers like q_proj,v_proj.",
-                    )
+                p.add(
+                    "lora.target_modules",
+                    "lora.target_modules is empty",
+                    "use 'all-linear' or name layers like q_proj,v_proj.",
                 )
         elif not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-            p.append(
-                Problem(
-                    "lora.target_modules",
-                    "lora.target_modules must list layer names (e.g. [q_proj, v_proj]) or be 'all-linear'.",
-                )
+            p.add(
+                "lora.target_modules",
+                "lora.target_modules must list layer names (e.g. [q_proj, v_proj]) or be 'all-linear'.",
             )
         if self.bias not in BIAS_MODES:
-            p.append(Problem("lora.bias", f"lora.bias must be one of {', '.join(BIAS_MODES)} (got {self.bias!r})."))
+            p.add("lora.bias", f"lora.bias must be one of {', '.join(BIAS_MODES)} (got {self.bias!r}).")
         if self.init not in LORA_INITS:
-            p.append(Problem("lora.init", f"lora.init must be one of {', '.join(LORA_INITS)} (got {self.init!r})."))
+            p.add("lora.init", f"lora.init must be one of {', '.join(LORA_INITS)} (got {self.init!r}).")
         if self.loraplus_lr_ratio is not None and (
             not _is_number(self.loraplus_lr_ratio) or self.loraplus_lr_ratio < 1
         ):
-            p.append(
-                Problem(
-                    "lora.loraplus_lr_ratio",
-                    f"lora.loraplus_lr_ratio must be empty or at least 1 (got {self.loraplus_lr_ratio!r}).",
-                )
+            p.add(
+                "lora.loraplus_lr_ratio",
+                f"lora.loraplus_lr_ratio must be empty or at least 1 (got {self.loraplus_lr_ratio!r}).",
             )
         return p
 
@@ -152,17 +142,15 @@ class QuantSpec:
     compute_dtype: str = field(default="bf16", metadata=_help("Dtype the 4-bit weights are unpacked to per matmul."))
 
     def validate(self) -> list[Problem]:
-        p: list[Problem] = []
+        p = Problems()
         if self.mode not in QUANT_MODES:
-            p.append(Problem("quant.mode", f"quant.mode must be one of {', '.join(QUANT_MODES)} (got {self.mode!r})."))
+            p.add("quant.mode", f"quant.mode must be one of {', '.join(QUANT_MODES)} (got {self.mode!r}).")
         if self.quant_type not in QUANT_TYPES:
-            p.append(Problem("quant.quant_type", f"quant.quant_type must be 'nf4' or 'fp4' (got {self.quant_type!r})."))
+            p.add("quant.quant_type", f"quant.quant_type must be 'nf4' or 'fp4' (got {self.quant_type!r}).")
         if self.compute_dtype not in COMPUTE_TYPES:
-            p.append(
-                Problem(
-                    "quant.compute_dtype",
-                    f"quant.compute_dtype must be one of {', '.join(COMPUTE_TYPES)} (got {self.compute_dtype!r}).",
-                )
+            p.add(
+                "quant.compute_dtype",
+                f"quant.compute_dtype must be one of {', '.join(COMPUTE_TYPES)} (got {self.compute_dtype!r}).",
             )
         return p
 
@@ -194,24 +182,15 @@ class DataSpec:
     train_on_prompt: bool = field(default=False, metadata=_help("Also learn the prompts (usually off)."))
 
     def validate(self) -> list[Problem]:
-        p: list[Problem] = []
+        p = Problems()
         if not self.datasets:
-            p.append(Problem("data.datasets", "data.datasets is empty", "pick at least one registered dataset."))
+            p.add("data.datasets", "data.datasets is empty", "pick at least one registered dataset.")
         if not _is_int(self.cutoff_len) or self.cutoff_len < 8:
-            p.append(
-                Problem(
-                    "data.cutoff_len",
-                    f"data.cutoff_len must be a whole number of at least 8 (got {self.cutoff_len!r}).",
-                )
-            )
+            p.add("data.cutoff_len", f"data.cutoff_len must be a whole number of at least 8 (got {self.cutoff_len!r}).")
         if self.max_samples is not None and (not _is_int(self.max_samples) or self.max_samples < 1):
-            p.append(
-                Problem("data.max_samples", f"data.max_samples must be empty or at least 1 (got {self.max_samples!r}).")
-            )
+            p.add("data.max_samples", f"data.max_samples must be empty or at least 1 (got {self.max_samples!r}).")
         if not _is_number(self.val_size) or not 0 <= self.val_size < 1:
-            p.append(
-                Problem("data.val_size", f"data.val_size must be in [0, 1) (got {self.val_size!r}); 0.1 is typical.")
-            )
+            p.add("data.val_size", f"data.val_size must be in [0, 1) (got {self.val_size!r}); 0.1 is typical.")
         return p
 
 
@@ -254,94 +233,62 @@ class TrainSpec:
     num_threads: int | None = field(default=None, metadata=_help("CPU threads for training; empty = all cores."))
 
     def validate(self) -> list[Problem]:
-        p: list[Problem] = []
+        p = Problems()
         if not _is_int(self.max_steps) or self.max_steps < 0:
-            p.append(
-                Problem(
-                    "train.max_steps",
-                    f"train.max_steps must be 0 (use epochs) or a positive whole number (got {self.max_steps!r}).",
-                )
+            p.add(
+                "train.max_steps",
+                f"train.max_steps must be 0 (use epochs) or a positive whole number (got {self.max_steps!r}).",
             )
         uses_epochs = not (_is_int(self.max_steps) and self.max_steps > 0)
         if uses_epochs and (not _is_number(self.epochs) or self.epochs <= 0):
-            p.append(
-                Problem("train.epochs", f"train.epochs must be positive (got {self.epochs!r}), or set train.max_steps.")
-            )
+            p.add("train.epochs", f"train.epochs must be positive (got {self.epochs!r}), or set train.max_steps.")
         if not _is_number(self.learning_rate) or not 0 < self.learning_rate < 1:
-            p.append(
-                Problem(
-                    "train.learning_rate",
-                    f"train.learning_rate must be in (0, 1) (got {self.learning_rate!r}); 2e-4 is a good start.",
-                )
+            p.add(
+                "train.learning_rate",
+                f"train.learning_rate must be in (0, 1) (got {self.learning_rate!r}); 2e-4 is a good start.",
             )
         if self.lr_scheduler not in SCHEDULERS:
-            p.append(
-                Problem(
-                    "train.lr_scheduler",
-                    f"train.lr_scheduler must be one of {', '.join(SCHEDULERS)} (got {self.lr_scheduler!r}).",
-                )
+            p.add(
+                "train.lr_scheduler",
+                f"train.lr_scheduler must be one of {', '.join(SCHEDULERS)} (got {self.lr_scheduler!r}).",
             )
         if not _is_number(self.warmup_ratio) or not 0 <= self.warmup_ratio < 1:
-            p.append(
-                Problem("train.warmup_ratio", f"train.warmup_ratio must be in [0, 1) (got {self.warmup_ratio!r}).")
-            )
+            p.add("train.warmup_ratio", f"train.warmup_ratio must be in [0, 1) (got {self.warmup_ratio!r}).")
         for name in ("batch_size", "grad_accum", "logging_steps", "eval_steps", "save_steps", "save_total_limit"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
-                p.append(
-                    Problem(f"train.{name}", f"train.{name} must be a whole number of at least 1 (got {value!r}).")
-                )
+                p.add(f"train.{name}", f"train.{name} must be a whole number of at least 1 (got {value!r}).")
         if not _is_number(self.max_grad_norm) or self.max_grad_norm < 0:
-            p.append(
-                Problem(
-                    "train.max_grad_norm",
-                    f"train.max_grad_norm must be 0 (off) or positive (got {self.max_grad_norm!r}).",
-                )
+            p.add(
+                "train.max_grad_norm", f"train.max_grad_norm must be 0 (off) or positive (got {self.max_grad_norm!r})."
             )
         if not _is_number(self.weight_decay) or self.weight_decay < 0:
-            p.append(
-                Problem("train.weight_decay", f"train.weight_decay must be 0 or positive (got {self.weight_decay!r}).")
-            )
+            p.add("train.weight_decay", f"train.weight_decay must be 0 or positive (got {self.weight_decay!r}).")
         if self.optimizer not in OPTIMIZERS:
-            p.append(
-                Problem(
-                    "train.optimizer",
-                    f"train.optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r}).",
-                )
+            p.add(
+                "train.optimizer", f"train.optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r})."
             )
         if self.compute_type not in COMPUTE_TYPES:
-            p.append(
-                Problem(
-                    "train.compute_type",
-                    f"train.compute_type must be one of {', '.join(COMPUTE_TYPES)} (got {self.compute_type!r}).",
-                )
+            p.add(
+                "train.compute_type",
+                f"train.compute_type must be one of {', '.join(COMPUTE_TYPES)} (got {self.compute_type!r}).",
             )
         if self.device not in DEVICES:
-            p.append(
-                Problem("train.device", f"train.device must be one of {', '.join(DEVICES)} (got {self.device!r}).")
-            )
+            p.add("train.device", f"train.device must be one of {', '.join(DEVICES)} (got {self.device!r}).")
         if self.num_threads is not None and (not _is_int(self.num_threads) or self.num_threads < 1):
-            p.append(
-                Problem(
-                    "train.num_threads", f"train.num_threads must be empty or at least 1 (got {self.num_threads!r})."
-                )
-            )
+            p.add("train.num_threads", f"train.num_threads must be empty or at least 1 (got {self.num_threads!r}).")
         if not _is_int(self.seed):
-            p.append(Problem("train.seed", f"train.seed must be a whole number (got {self.seed!r})."))
+            p.add("train.seed", f"train.seed must be a whole number (got {self.seed!r}).")
         if not isinstance(self.stop_on_divergence, bool):
-            p.append(
-                Problem(
-                    "train.stop_on_divergence",
-                    f"train.stop_on_divergence must be true or false (got {self.stop_on_divergence!r}).",
-                )
+            p.add(
+                "train.stop_on_divergence",
+                f"train.stop_on_divergence must be true or false (got {self.stop_on_divergence!r}).",
             )
         if not _is_int(self.early_stopping_patience) or self.early_stopping_patience < 0:
-            p.append(
-                Problem(
-                    "train.early_stopping_patience",
-                    "train.early_stopping_patience must be 0 (off) or a whole number of evaluations "
-                    f"(got {self.early_stopping_patience!r}); 3 is typical.",
-                )
+            p.add(
+                "train.early_stopping_patience",
+                "train.early_stopping_patience must be 0 (off) or a whole number of evaluations "
+                f"(got {self.early_stopping_patience!r}); 3 is typical.",
             )
         return p
 
@@ -412,108 +359,81 @@ class DistributionSpec:
         return ids
 
     def validate(self) -> list[Problem]:
-        p: list[Problem] = []
+        p = Problems()
         if not _is_int(self.processes) or not 1 <= self.processes <= 1024:
-            p.append(
-                Problem(
-                    "distribution.processes",
-                    f"distribution.processes must be a whole number from 1 (got {self.processes!r}).",
-                )
+            p.add(
+                "distribution.processes",
+                f"distribution.processes must be a whole number from 1 (got {self.processes!r}).",
             )
         if self.strategy not in STRATEGIES:
-            p.append(
-                Problem(
-                    "distribution.strategy",
-                    f"distribution.strategy must be one of {', '.join(STRATEGIES)} (got {self.strategy!r}).",
-                )
+            p.add(
+                "distribution.strategy",
+                f"distribution.strategy must be one of {', '.join(STRATEGIES)} (got {self.strategy!r}).",
             )
         if self.offload and not str(self.strategy).startswith("deepspeed"):
-            p.append(
-                Problem(
-                    "distribution.offload",
-                    "distribution.offload needs a DeepSpeed strategy (deepspeed-zero2/3)",
-                    "change one of them.",
-                )
+            p.add(
+                "distribution.offload",
+                "distribution.offload needs a DeepSpeed strategy (deepspeed-zero2/3)",
+                "change one of them.",
             )
         try:
             ids = self.device_ids()
         except ValueError:
             ids = None
-            p.append(
-                Problem(
-                    "distribution.devices",
-                    f"distribution.devices must be 'auto' or distinct CUDA ids like '0,1' (got {self.devices!r}).",
-                )
+            p.add(
+                "distribution.devices",
+                f"distribution.devices must be 'auto' or distinct CUDA ids like '0,1' (got {self.devices!r}).",
             )
         if not _is_int(self.num_machines) or self.num_machines < 1:
-            p.append(
-                Problem(
-                    "distribution.num_machines",
-                    f"distribution.num_machines must be at least 1 (got {self.num_machines!r}).",
-                )
+            p.add(
+                "distribution.num_machines",
+                f"distribution.num_machines must be at least 1 (got {self.num_machines!r}).",
             )
         elif not _is_int(self.machine_rank) or not 0 <= self.machine_rank < self.num_machines:
-            p.append(
-                Problem(
-                    "distribution.machine_rank",
-                    f"distribution.machine_rank must be from 0 to {self.num_machines - 1} (got {self.machine_rank!r}).",
-                )
+            p.add(
+                "distribution.machine_rank",
+                f"distribution.machine_rank must be from 0 to {self.num_machines - 1} (got {self.machine_rank!r}).",
             )
         if not _is_int(self.main_port) or not 0 <= self.main_port <= 65535:
-            p.append(
-                Problem(
-                    "distribution.main_port",
-                    f"distribution.main_port must be 0 (any free port) or a port number (got {self.main_port!r}).",
-                )
+            p.add(
+                "distribution.main_port",
+                f"distribution.main_port must be 0 (any free port) or a port number (got {self.main_port!r}).",
             )
         if p:
             return p
         if self.num_machines > 1:
             if not str(self.main_address).strip():
-                p.append(
-                    Problem(
-                        "distribution.main_address",
-                        "Several machines need distribution.main_address: the IP of machine 0.",
-                    )
+                p.add(
+                    "distribution.main_address", "Several machines need distribution.main_address: the IP of machine 0."
                 )
             if self.main_port == 0:
-                p.append(
-                    Problem(
-                        "distribution.main_port",
-                        "Several machines need a fixed distribution.main_port (e.g. 29500), open on machine 0.",
-                    )
+                p.add(
+                    "distribution.main_port",
+                    "Several machines need a fixed distribution.main_port (e.g. 29500), open on machine 0.",
                 )
             if self.processes % self.num_machines:
-                p.append(
-                    Problem(
-                        "distribution.processes",
-                        f"distribution.processes ({self.processes}) must split evenly over {self.num_machines} "
-                        "machines: the same number of processes on each.",
-                    )
+                p.add(
+                    "distribution.processes",
+                    f"distribution.processes ({self.processes}) must split evenly over {self.num_machines} "
+                    "machines: the same number of processes on each.",
                 )
         if ids is not None and self.launched and len(ids) != self.per_machine:
-            p.append(
-                Problem(
-                    "distribution.devices",
-                    f"distribution.devices lists {len(ids)} GPU(s) for {self.per_machine} process(es) per machine",
-                    "list one GPU per process, or use 'auto'.",
-                )
+            p.add(
+                "distribution.devices",
+                f"distribution.devices lists {len(ids)} GPU(s) for {self.per_machine} process(es) per machine",
+                "list one GPU per process, or use 'auto'.",
             )
         if ids is not None and not self.launched and len(ids) != 1:
-            p.append(
-                Problem(
-                    "distribution.devices",
-                    f"distribution.devices lists {len(ids)} GPUs for a single process",
-                    f"set distribution.processes to {len(ids)} to train on all of them, or list one.",
-                )
+            p.add(
+                "distribution.devices",
+                f"distribution.devices lists {len(ids)} GPUs for a single process",
+                f"set distribution.processes to {len(ids)} to train on all of them, or list one.",
             )
         if self.strategy != "ddp" and not self.launched:
-            p.append(
-                Problem(
-                    "distribution.strategy",
-                    f"distribution.strategy '{self.strategy}' splits work across processes",
-                    "with one process use 'ddp' (no effect), or raise distribution.processes.",
-                )
+            p.add(
+                "distribution.strategy",
+                f"distribution.strategy '{self.strategy}' splits work across processes",
+                "with one process use 'ddp' (no effect), or raise distribution.processes.",
             )
         return p
 
@@ -582,25 +502,21 @@ class RunConfig:
 
 def _cross_checks(cfg: RunConfig) -> list[Problem]:
     """Combinations that are each valid alone but cannot work together."""
-    p: list[Problem] = []
+    p = Problems()
     if cfg.quant.mode != "none" and cfg.lora.init == "pissa":
-        p.append(
-            Problem(
-                "lora.init",
-                "PiSSA init needs full-precision base weights",
-                "set lora.init to 'default' or turn quantization off.",
-            )
+        p.add(
+            "lora.init",
+            "PiSSA init needs full-precision base weights",
+            "set lora.init to 'default' or turn quantization off.",
         )
     if cfg.quant.mode != "none" and cfg.lora.bias != "none":
-        p.append(Problem("lora.bias", "Bias training is not supported on a quantized base", "set lora.bias to 'none'."))
+        p.add("lora.bias", "Bias training is not supported on a quantized base", "set lora.bias to 'none'.")
     patience = cfg.train.early_stopping_patience
     if _is_int(patience) and patience > 0 and _is_number(cfg.data.val_size) and cfg.data.val_size <= 0:
-        p.append(
-            Problem(
-                "train.early_stopping_patience",
-                "Early stopping watches the eval loss, and there is no validation split",
-                "set data.val_size (e.g. 0.1), or train.early_stopping_patience to 0.",
-            )
+        p.add(
+            "train.early_stopping_patience",
+            "Early stopping watches the eval loss, and there is no validation split",
+            "set data.val_size (e.g. 0.1), or train.early_stopping_patience to 0.",
         )
     p += _distribution_checks(cfg)
     if cfg.train.device in ("cpu", "cuda", "mps"):
@@ -609,33 +525,27 @@ def _cross_checks(cfg: RunConfig) -> list[Problem]:
 
 
 def _distribution_checks(cfg: RunConfig) -> list[Problem]:
-    d, p = cfg.distribution, []
+    d, p = cfg.distribution, Problems()
     if d.strategy in SHARDING and cfg.quant.mode != "none":
         # Sharding needs one storage dtype across all weights; bitsandbytes packs 4-bit weights as uint8 next
         # to bf16 ones. Upstream can do it with bnb_4bit_quant_storage; the studio does not set that up yet.
-        p.append(
-            Problem(
-                "distribution.strategy",
-                f"A quantized base (quant.mode {cfg.quant.mode}) cannot be sharded with {d.strategy}",
-                "use strategy 'ddp' or 'deepspeed-zero2' (each process keeps its own 4-bit copy), "
-                "or turn quantization off.",
-            )
+        p.add(
+            "distribution.strategy",
+            f"A quantized base (quant.mode {cfg.quant.mode}) cannot be sharded with {d.strategy}",
+            "use strategy 'ddp' or 'deepspeed-zero2' (each process keeps its own 4-bit copy), "
+            "or turn quantization off.",
         )
     if d.launched and cfg.train.device == "mps":
-        p.append(
-            Problem(
-                "distribution.processes",
-                "Apple MPS runs one process",
-                "set distribution.processes to 1, or train on CUDA GPUs or CPU.",
-            )
+        p.add(
+            "distribution.processes",
+            "Apple MPS runs one process",
+            "set distribution.processes to 1, or train on CUDA GPUs or CPU.",
         )
     if d.devices not in ("", "auto") and cfg.train.device in ("cpu", "mps"):
-        p.append(
-            Problem(
-                "distribution.devices",
-                f"distribution.devices names GPUs but train.device is {cfg.train.device}",
-                "set devices to 'auto'.",
-            )
+        p.add(
+            "distribution.devices",
+            f"distribution.devices names GPUs but train.device is {cfg.train.device}",
+            "set devices to 'auto'.",
         )
     return p
 
@@ -643,39 +553,29 @@ def _distribution_checks(cfg: RunConfig) -> list[Problem]:
 def device_problems(cfg: RunConfig, device: str) -> list[Problem]:
     """Combinations a device refuses. validate() asks when the device is fixed; check_runtime once 'auto'
     has resolved, so the same words reach the user either way."""
-    p: list[Problem] = []
+    p = Problems()
     if device == "cpu" and cfg.distribution.strategy != "ddp" and cfg.distribution.launched:
-        p.append(
-            Problem(
-                "distribution.strategy",
-                f"distribution.strategy '{cfg.distribution.strategy}' needs CUDA GPUs",
-                "on CPU use 'ddp' (processes share the cores over gloo).",
-            )
+        p.add(
+            "distribution.strategy",
+            f"distribution.strategy '{cfg.distribution.strategy}' needs CUDA GPUs",
+            "on CPU use 'ddp' (processes share the cores over gloo).",
         )
     if device == "cpu" and cfg.train.compute_type == "fp16":
-        p.append(
-            Problem(
-                "train.compute_type",
-                "fp16 training needs a GPU (no fp16 loss scaling on CPU)",
-                "use fp32 or bf16 on CPU.",
-            )
+        p.add(
+            "train.compute_type", "fp16 training needs a GPU (no fp16 loss scaling on CPU)", "use fp32 or bf16 on CPU."
         )
     if device == "mps" and cfg.quant.mode != "none":
-        p.append(
-            Problem(
-                "quant.mode",
-                "Quantization (bitsandbytes) has no Apple MPS backend",
-                "set quant.mode to 'none', or train.device to 'cpu' (slow) or a CUDA GPU.",
-            )
+        p.add(
+            "quant.mode",
+            "Quantization (bitsandbytes) has no Apple MPS backend",
+            "set quant.mode to 'none', or train.device to 'cpu' (slow) or a CUDA GPU.",
         )
     if device == "cpu" and cfg.quant.mode == "8bit" and cfg.lora.use_dora:
         # bitsandbytes 0.50's CPU int8 matmul loses its scales once DoRA has read the weights (AttributeError).
-        p.append(
-            Problem(
-                "lora.use_dora",
-                "DoRA on an 8-bit base fails on CPU",
-                "use quant.mode '4bit' or 'none', or turn lora.use_dora off.",
-            )
+        p.add(
+            "lora.use_dora",
+            "DoRA on an 8-bit base fails on CPU",
+            "use quant.mode '4bit' or 'none', or turn lora.use_dora off.",
         )
     return p
 

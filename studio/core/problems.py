@@ -40,6 +40,13 @@ class Problem:
         return f"{self.message}: {self.fix}" if self.fix else self.message
 
 
+class Problems(list):
+    """The Problems a check finds, built where it reads well: `p.add("lora.r", "lora.r must be ...")`."""
+
+    def add(self, path: str, message: str, fix: str = "") -> None:
+        self.append(Problem(path, message, fix))
+
+
 def as_problem(item: Problem | str) -> Problem:
     """A Problem as is; a bare sentence (a preset file's, an older caller's) as a problem about no field."""
     return item if isinstance(item, Problem) else Problem("", str(item))
