@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -588,20 +589,22 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _coerce(value: Any, annotation: str) -> Any:
-    """YAML and form widgets give '2e-4' or 16.0; turn them into the declared type where that is lossless."""
+def _coerce(value: Any, declared: Any) -> Any:
+    """YAML and form widgets give '2e-4' or 16.0; turn them into the declared type where that is lossless.
+    `declared` is the field's real type (typing.get_type_hints), e.g. float or int | None."""
     if value is None or isinstance(value, bool):
         return value
-    if "float" in annotation and isinstance(value, str):
+    kinds = typing.get_args(declared) or (declared,)
+    if float in kinds and isinstance(value, str):
         try:
             return float(value)
         except ValueError:
             return value
-    if "float" in annotation and isinstance(value, int):
+    if float in kinds and isinstance(value, int):
         return float(value)
-    if annotation.startswith("int") and isinstance(value, float) and value.is_integer():
+    if kinds[0] is int and isinstance(value, float) and value.is_integer():
         return int(value)
-    if annotation.startswith("int") and isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if kinds[0] is int and isinstance(value, str) and value.strip().lstrip("-").isdigit():
         return int(value)
     return value
 
@@ -626,7 +629,7 @@ def _from_dict(cls, data: dict[str, Any], prefix: str):
             except ConfigError as err:
                 problems += err.problems
         else:
-            kwargs[name] = _coerce(value, str(f.type))
+            kwargs[name] = _coerce(value, typing.get_type_hints(cls)[name])
     if problems:
         raise ConfigError(problems)
     return cls(**kwargs)
