@@ -326,10 +326,11 @@ class ChatProcess:
 
 
 def describe(err: BaseException) -> str:
+    """What the parent shows: a StudioError's own words (they say what to do), the cause's type otherwise."""
+    if isinstance(err, (StudioError, ValueError)):
+        return str(err)
     if isinstance(err, KeyError) and err.args:
         return str(err.args[0])  # str(KeyError) wraps the message in quotes
-    if isinstance(err, (ChatError, ValueError)) or type(err).__name__ in ("ModelError", "ConfigError"):
-        return str(err)
     return f"{type(err).__name__}: {err}"
 
 
