@@ -42,12 +42,14 @@ def python_command(module: str, *args: str) -> list[str]:
 
 
 def spawn(cmd: Sequence[str], env: Mapping[str, str], *, stdin: Any = subprocess.DEVNULL, stdout: Any = None,
-          stderr: Any = None, text: bool = True, cwd: str | None = None) -> subprocess.Popen:  # fmt: skip
+          stderr: Any = None, text: bool = True, cwd: str | None = None, own_session: bool = True,
+          ) -> subprocess.Popen:  # fmt: skip
     """Start cmd (never through a shell) in a session of its own: a Ctrl-C in the server's terminal does
-    not reach it, and its process group is its pid, so `end` can end the child and everything it started."""
+    not reach it, and its process group is its pid, so `end` can end the child and everything it started.
+    `own_session=False` keeps it in the parent's group, for a helper that must end with its parent."""
     return subprocess.Popen(
         list(cmd), stdin=stdin, stdout=stdout, stderr=stderr, text=text, env=dict(env), cwd=cwd,
-        start_new_session=True,
+        start_new_session=own_session,
     )  # fmt: skip
 
 

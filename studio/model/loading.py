@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from studio.core import procs
 from studio.core.errors import StudioError
 from studio.core.security import AccessError, ensure_allowed
 from studio.core.workspace import models_cache_dir
@@ -170,13 +171,8 @@ class _Preparation:
         code = "import os, sys; os.nice(5); import studio.model.loading as m; m.ensure_bundled_model(sys.argv[1])"
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         with open(self.cache_dir / CONVERT_LOG, "wb") as log:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", code, str(self.cache_dir)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
+            cmd = [sys.executable, "-c", code, str(self.cache_dir)]
+            self.proc = procs.spawn(cmd, env, stdout=log, stderr=subprocess.STDOUT, text=False, own_session=False)
 
     def state(self) -> BundledState:
         if bundled_model_ready(self.cache_dir):
