@@ -7,6 +7,7 @@ Errors are one line on stderr, starting with "error:".
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -145,19 +146,52 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 
 # -- export -------------------------------------------------------------------------------------
+def _emit(kind: str, message: str, **fields) -> None:
+    """One JSON object on one line of stdout (`studio export --json`): progress, result or error."""
+    print(json.dumps({"type": kind, "message": message, **fields}, default=str), flush=True)
+
+
+def _silent(message: str) -> None:
+    """Progress without --json: none (the output stays what it always was)."""
+
+
 def cmd_export(args: argparse.Namespace) -> int:
+    """Without --json: the saved files, then the zip. With --json: one JSON object per line, `progress`
+    objects while it works, then one `result` (out_dir, files, zip) or one `error` (message, code); an
+    error also goes to stderr as always."""
+    try:
+        return _export(args, _emit if args.json else None)
+    except Exception as err:
+        if args.json:
+            message, code = error_exit(err) or (f"{type(err).__name__}: {err}", 1)
+            _emit("error", message, code=code)
+        raise
+
+
+def _export(args: argparse.Namespace, emit) -> int:
     from studio.reports.export import export_adapter, find_adapter, merge_adapter, zip_folder
 
+    progress = functools.partial(emit, "progress") if emit else _silent
     if not args.merge and not args.adapter:
         raise UsageError("say what to export: --merge OUT_DIR (merged model) or --adapter OUT_DIR")
+    progress(f"Finding the adapter of {args.run}")
     adapter = find_adapter(args.run)
     if args.merge:
+        progress(f"Loading the base model ({args.dtype}) and merging the adapter into it")
         result = merge_adapter(adapter, Path(args.merge), dtype=args.dtype, overwrite=args.overwrite)
     else:
+        progress("Copying the adapter")
         result = export_adapter(adapter, Path(args.adapter), overwrite=args.overwrite)
-    print(result.describe())
+    if emit is None:
+        print(result.describe())
+    zip_path = None
     if args.zip:
-        print(f"zip: {zip_folder(result.out_dir, result.out_dir.with_suffix('.zip'))}")
+        progress("Writing the zip")
+        zip_path = zip_folder(result.out_dir, result.out_dir.with_suffix(".zip"))
+        if emit is None:
+            print(f"zip: {zip_path}")
+    if emit is not None:
+        emit("result", result.describe(), out_dir=result.out_dir, files=result.files, zip=zip_path)
     return 0
 
 
@@ -335,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     s.add_argument("--zip", action="store_true", help="also write OUT_DIR.zip")
     s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--json", action="store_true", help="report as JSON lines: progress, then a result or an error")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("plan", help="estimate a run's peak memory and whether it fits (no weights loaded)")
@@ -373,23 +408,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    args = build_parser().parse_args(argv)
+def error_exit(err: BaseException) -> tuple[str, int] | None:
+    """The one mapping from an error to the CLI's one-line message and exit code (2 bad input, 1 a failed
+    operation); None for one it does not know (a bug: its traceback is shown)."""
     from studio.core.store import IllegalTransition, RunNotFound
     from studio.data import DataError
     from studio.model.loading import ModelError
     from studio.reports.export import ExportError
     from studio.runs.queue import JobError
 
+    if isinstance(err, ConfigError):
+        return _one_line(err.problems), 2
+    if isinstance(err, (UsageError, DataError, ModelError, RunNotFound)):
+        return " ".join(str(err).split()), 2  # one line; never strip quotes: messages open with 'file.json'
+    if isinstance(err, (JobError, ExportError, IllegalTransition)):
+        return str(err), 1
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as err:
-        return _fail(_one_line(err.problems))
-    except (UsageError, DataError, ModelError, RunNotFound) as err:
-        return _fail(" ".join(str(err).split()))  # one line; never strip quotes: messages open with 'file.json'
-    except (JobError, ExportError, IllegalTransition) as err:
-        return _fail(str(err), 1)
+    except Exception as err:
+        known = error_exit(err)
+        if known is None:
+            raise
+        return _fail(*known)
 
 
 if __name__ == "__main__":
