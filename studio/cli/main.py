@@ -7,12 +7,14 @@ Errors are one line on stderr, starting with "error:".
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 from pathlib import Path
 
 from studio.cli.common import UsageError, exits_cleanly, follow, load_run_config
+from studio.core.errors import StudioError
 from studio.core.workspace import Workspace
 
 
@@ -145,19 +147,53 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 
 # -- export -------------------------------------------------------------------------------------
+def _emit(kind: str, message: str, **fields) -> None:
+    """One JSON object on one line of stdout (`studio export --json`): progress, result or error."""
+    print(json.dumps({"type": kind, "message": message, **fields}, default=str), flush=True)
+
+
+def _silent(message: str) -> None:
+    """Progress without --json: none (the output stays what it always was)."""
+
+
 def cmd_export(args: argparse.Namespace) -> int:
+    """Without --json: the saved files, then the zip. With --json: one JSON object per line, `progress`
+    objects while it works, then one `result` (out_dir, files, zip) or one `error` (message, code); an
+    error also goes to stderr as always."""
+    try:
+        return _export(args, _emit if args.json else None)
+    except Exception as err:
+        if args.json:
+            known = isinstance(err, StudioError)
+            message = err.one_line() if known else f"{type(err).__name__}: {err}"
+            _emit("error", message, code=int(err.exit_code) if known else 1)
+        raise
+
+
+def _export(args: argparse.Namespace, emit) -> int:
     from studio.reports.export import export_adapter, find_adapter, merge_adapter, zip_folder
 
+    progress = functools.partial(emit, "progress") if emit else _silent
     if not args.merge and not args.adapter:
         raise UsageError("say what to export: --merge OUT_DIR (merged model) or --adapter OUT_DIR")
+    progress(f"Finding the adapter of {args.run}")
     adapter = find_adapter(args.run, Workspace.from_env().home)
     if args.merge:
+        progress(f"Loading the base model ({args.dtype}) and merging the adapter into it")
         result = merge_adapter(adapter, Path(args.merge), dtype=args.dtype, overwrite=args.overwrite)
     else:
+        progress("Copying the adapter")
         result = export_adapter(adapter, Path(args.adapter), overwrite=args.overwrite)
-    print(result.describe())
+    if emit is None:
+        print(result.describe())
+    zip_path = None
     if args.zip:
-        print(f"zip: {zip_folder(result.out_dir, result.out_dir.with_suffix('.zip'))}")
+        progress("Writing the zip")
+        zip_path = zip_folder(result.out_dir, result.out_dir.with_suffix(".zip"))
+        if emit is None:
+            print(f"zip: {zip_path}")
+    if emit is not None:
+        emit("result", result.describe(), out_dir=result.out_dir, files=result.files, zip=zip_path)
     return 0
 
 
@@ -336,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     s.add_argument("--zip", action="store_true", help="also write OUT_DIR.zip")
     s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--json", action="store_true", help="report as JSON lines: progress, then a result or an error")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("plan", help="estimate a run's peak memory and whether it fits (no weights loaded)")

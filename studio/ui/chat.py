@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 
@@ -273,133 +274,161 @@ def send_chat(
         yield shown, base_history
 
 
-# -- wiring -----------------------------------------------------------------------------------------
+# -- what the tab's handlers show -------------------------------------------------------------------
 
 
-def build(ctx: UIContext, tab) -> None:
+def selection_updates(proc: ChatProcess, store: Store, chosen: list[str] | None, active_name: str) -> tuple:
+    """On tab selection: the completed runs (dropping chosen ones that are gone), what answers (the base
+    when the chosen adapter is no longer loaded) and the status."""
+    choices = adapter_choices(store)
+    ids = {value for _, value in choices}
+    loaded = proc.loaded_adapters
+    return (
+        gr.Dropdown(choices=choices, value=[c for c in chosen or [] if c in ids]),
+        gr.Dropdown(choices=active_choices(loaded), value=active_name if active_name in loaded else BASE),
+        status_markdown(local_status(proc)),
+    )
+
+
+def load_updates(proc: ChatProcess, store: Store, source: str, run_ids, dtype_name: str, quant_mode: str) -> tuple:
+    """Load: the status (or what is wrong) and 'Answer with', set to the newest loaded adapter."""
+    try:
+        info, note = load_chat(proc, store, source, run_ids, dtype_name, quant_mode)
+    except (ChatError, ChatUIError) as err:
+        return error_message(err), gr.Dropdown(choices=active_choices(proc.loaded_adapters), value=BASE)
+    loaded = list(proc.loaded_adapters)
+    return status_markdown(info, note), gr.Dropdown(
+        choices=active_choices(loaded), value=loaded[-1] if loaded else BASE
+    )
+
+
+def unload_updates(proc: ChatProcess) -> tuple:
+    proc.unload()
+    note = "Unloaded: the chat process ended and its memory was given back."
+    return status_markdown({"loaded": False}, note), gr.Dropdown(choices=active_choices([]), value=BASE)
+
+
+def send_updates(proc: ChatProcess, msg, history, base_history, system_prompt, widgets, active_name, compare_on):
+    """Send: (chat, base chat, input box, status) as the reply streams. widgets: the generation sliders
+    (temperature, top-p, top-k, max new tokens, repetition penalty)."""
+    answered = False
+    try:
+        settings = settings_from_widgets(*widgets)
+        for shown, base_shown in send_chat(
+            proc, msg, history, base_history, system_prompt, settings, active_name, compare_on
+        ):
+            history, base_history, answered = shown, base_shown, True
+            yield shown, base_shown, "", gr.skip()
+    except (ChatError, ChatUIError) as err:
+        # Keep what was typed when nothing was answered, so the user can send it again.
+        yield history, base_history, "" if answered else gr.skip(), error_message(err)
+        return
+    yield gr.skip(), gr.skip(), gr.skip(), status_markdown(local_status(proc))
+
+
+def compare_updates(on: bool) -> tuple:
+    return gr.Chatbot(visible=on), gr.Chatbot(label="With the adapter" if on else "Chat")
+
+
+# -- layout and wiring ------------------------------------------------------------------------------
+
+
+def _model_controls(store: Store, proc: ChatProcess, chat_status) -> SimpleNamespace:
+    """The left column: the base model, its compute type and quantization, the adapters, Load / Unload,
+    the status, what answers, compare, the system prompt and the generation settings."""
+    model = gr.Textbox(
+        BUNDLED, label="Base model", info="bundled, a local model folder, or a hub id", elem_id="chat-model"
+    )
+    dtype = gr.Dropdown(list(DTYPES), value="fp32", label="Compute type", elem_id="chat-dtype")
+    quant = gr.Dropdown(
+        list(QUANT_MODES),
+        value="none",
+        label="Quantization",
+        info="4bit/8bit: less memory, slower on CPU; adapters from any run load on it",
+        elem_id="chat-quant",
+    )
+    adapters = gr.Dropdown(
+        choices=adapter_choices(store),  # refreshed whenever the tab is selected
+        value=[],
+        multiselect=True,
+        allow_custom_value=True,  # API callers may name a run that finished after the page was built
+        label="Adapters (completed runs)",
+        elem_id="chat-adapter",
+    )
+    with gr.Row():
+        load = gr.Button("Load", variant="primary", elem_id="chat-load")
+        unload = gr.Button("Unload", elem_id="chat-unload")
+    # The process is shared by the server: a reloaded page shows what is loaded already.
+    status = gr.Markdown(chat_status, elem_id="chat-status")
+    active = gr.Dropdown(
+        choices=active_choices(proc.loaded_adapters), value=BASE, label="Answer with", elem_id="chat-active"
+    )
+    compare = gr.Checkbox(False, label="Compare with the base model, side by side", elem_id="chat-compare")
+    system = gr.Textbox(label="System prompt", lines=3, elem_id="chat-system")
+    sliders = _generation_sliders()
+    return SimpleNamespace(**{k: v for k, v in locals().items() if k not in ("store", "proc", "chat_status")})
+
+
+def _generation_sliders() -> list[gr.Slider]:
+    """Temperature, top-p, top-k, max new tokens and repetition penalty, in settings_from_widgets' order."""
+    defaults = GenerationSettings()
+    with gr.Accordion("Generation settings", open=False):
+        return [
+            gr.Slider(
+                0,
+                2,
+                value=defaults.temperature,
+                step=0.05,
+                label="Temperature (0 = greedy)",
+                elem_id="chat-temperature",
+            ),
+            gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label="Top-p", elem_id="chat-top-p"),
+            gr.Slider(0, 200, value=defaults.top_k, step=1, label="Top-k (0 = off)", elem_id="chat-top-k"),
+            gr.Slider(
+                1, 2048, value=defaults.max_new_tokens, step=1, label="Max new tokens", elem_id="chat-max-new-tokens"
+            ),
+            gr.Slider(
+                0.5,
+                3,
+                value=defaults.repetition_penalty,
+                step=0.05,
+                label="Repetition penalty",
+                elem_id="chat-repetition-penalty",
+            ),
+        ]
+
+
+def _conversation() -> SimpleNamespace:
+    """The right column: the chat (and the base's, shown in compare mode), the input box, Send and Clear."""
+    with gr.Row():
+        base_bot = gr.Chatbot(label="Base model (no adapter)", elem_id="chatbot-base", visible=False)
+        bot = gr.Chatbot(label="Chat", elem_id="chatbot")
+    message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, lines=2, elem_id="chat-input")
+    with gr.Row():
+        send = gr.Button("Send", variant="primary", elem_id="chat-send")
+        clear = gr.Button("Clear", elem_id="chat-clear")
+    return SimpleNamespace(**locals())
+
+
+def _wire(ctx: UIContext, tab, side: SimpleNamespace, talk: SimpleNamespace) -> None:
     def store() -> Store:
         return ctx.jobs.store
 
     def proc() -> ChatProcess:
         return chat_process(ctx.home)
 
-    def chat_status() -> str:  # a callable value: evaluated on every page load (endpoint /chat_status)
-        return status_markdown(local_status(proc()))
-
-    with gr.Row():
-        with gr.Column(scale=1, min_width=280):
-            model = gr.Textbox(
-                BUNDLED, label="Base model", info="bundled, a local model folder, or a hub id", elem_id="chat-model"
-            )
-            dtype = gr.Dropdown(list(DTYPES), value="fp32", label="Compute type", elem_id="chat-dtype")
-            quant = gr.Dropdown(
-                list(QUANT_MODES),
-                value="none",
-                label="Quantization",
-                info="4bit/8bit: less memory, slower on CPU; adapters from any run load on it",
-                elem_id="chat-quant",
-            )
-            adapters = gr.Dropdown(
-                choices=adapter_choices(store()),  # refreshed whenever the tab is selected
-                value=[],
-                multiselect=True,
-                allow_custom_value=True,  # API callers may name a run that finished after the page was built
-                label="Adapters (completed runs)",
-                elem_id="chat-adapter",
-            )
-            with gr.Row():
-                load = gr.Button("Load", variant="primary", elem_id="chat-load")
-                unload = gr.Button("Unload", elem_id="chat-unload")
-            # The process is shared by the server: a reloaded page shows what is loaded already.
-            status = gr.Markdown(chat_status, elem_id="chat-status")
-            active = gr.Dropdown(
-                choices=active_choices(proc().loaded_adapters), value=BASE, label="Answer with", elem_id="chat-active"
-            )
-            compare = gr.Checkbox(False, label="Compare with the base model, side by side", elem_id="chat-compare")
-            system = gr.Textbox(label="System prompt", lines=3, elem_id="chat-system")
-            with gr.Accordion("Generation settings", open=False):
-                defaults = GenerationSettings()
-                temperature = gr.Slider(
-                    0,
-                    2,
-                    value=defaults.temperature,
-                    step=0.05,
-                    label="Temperature (0 = greedy)",
-                    elem_id="chat-temperature",
-                )
-                top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label="Top-p", elem_id="chat-top-p")
-                top_k = gr.Slider(0, 200, value=defaults.top_k, step=1, label="Top-k (0 = off)", elem_id="chat-top-k")
-                max_new = gr.Slider(
-                    1,
-                    2048,
-                    value=defaults.max_new_tokens,
-                    step=1,
-                    label="Max new tokens",
-                    elem_id="chat-max-new-tokens",
-                )
-                penalty = gr.Slider(
-                    0.5,
-                    3,
-                    value=defaults.repetition_penalty,
-                    step=0.05,
-                    label="Repetition penalty",
-                    elem_id="chat-repetition-penalty",
-                )
-        with gr.Column(scale=3):
-            with gr.Row():
-                base_bot = gr.Chatbot(label="Base model (no adapter)", elem_id="chatbot-base", visible=False)
-                bot = gr.Chatbot(label="Chat", elem_id="chatbot")
-            message = gr.Textbox(
-                placeholder="Type a message and press Enter", show_label=False, lines=2, elem_id="chat-input"
-            )
-            with gr.Row():
-                send = gr.Button("Send", variant="primary", elem_id="chat-send")
-                clear = gr.Button("Clear", elem_id="chat-clear")
-
     def on_select(chosen: list[str] | None, active_name: str):
-        choices = adapter_choices(store())
-        ids = {value for _, value in choices}
-        loaded = proc().loaded_adapters
-        return (
-            gr.Dropdown(choices=choices, value=[c for c in chosen or [] if c in ids]),
-            gr.Dropdown(choices=active_choices(loaded), value=active_name if active_name in loaded else BASE),
-            status_markdown(local_status(proc())),
-        )
+        return selection_updates(proc(), store(), chosen, active_name)
 
     def on_load(source: str, run_ids: list[str] | None, dtype_name: str, quant_mode: str = "none"):
-        p = proc()
-        try:
-            info, note = load_chat(p, store(), source, run_ids, dtype_name, quant_mode)
-        except (ChatError, ChatUIError) as err:
-            loaded = p.loaded_adapters
-            return error_message(err), gr.Dropdown(choices=active_choices(loaded), value=BASE)
-        loaded = list(p.loaded_adapters)
-        return status_markdown(info, note), gr.Dropdown(
-            choices=active_choices(loaded), value=loaded[-1] if loaded else BASE
-        )
+        return load_updates(proc(), store(), source, run_ids, dtype_name, quant_mode)
 
     def on_unload():
-        proc().unload()
-        note = "Unloaded: the chat process ended and its memory was given back."
-        return status_markdown({"loaded": False}, note), gr.Dropdown(choices=active_choices([]), value=BASE)
+        return unload_updates(proc())
 
     def on_send(msg, history, base_history, system_prompt, temp, p, k, max_tokens, rep, active_name, compare_on):
-        answered = False
-        try:
-            settings = settings_from_widgets(temp, p, k, max_tokens, rep)
-            for shown, base_shown in send_chat(
-                proc(), msg, history, base_history, system_prompt, settings, active_name, compare_on
-            ):
-                history, base_history, answered = shown, base_shown, True
-                yield shown, base_shown, "", gr.skip()
-        except (ChatError, ChatUIError) as err:
-            # Keep what was typed when nothing was answered, so the user can send it again.
-            yield history, base_history, "" if answered else gr.skip(), error_message(err)
-            return
-        yield gr.skip(), gr.skip(), gr.skip(), status_markdown(local_status(proc()))
-
-    def on_compare(on: bool):
-        return gr.Chatbot(visible=on), gr.Chatbot(label="With the adapter" if on else "Chat")
+        widgets = (temp, p, k, max_tokens, rep)
+        yield from send_updates(proc(), msg, history, base_history, system_prompt, widgets, active_name, compare_on)
 
     def chat(message: str, adapter: str = BASE, system_prompt: str = "", max_new_tokens: int = 128) -> str:
         """Answer one message with a completed run's adapter (its run id) or "base", loading on demand."""
@@ -408,14 +437,27 @@ def build(ctx: UIContext, tab) -> None:
         except (ChatError, ChatUIError) as err:
             raise gr.Error(str(err)) from err
 
-    tab.select(on_select, [adapters, active], [adapters, active, status], api_name=False)
+    tab.select(on_select, [side.adapters, side.active], [side.adapters, side.active, side.status], api_name=False)
     # quant comes last, so API callers that pass (model, adapters, dtype) keep working.
-    load.click(on_load, [model, adapters, dtype, quant], [status, active], api_name="chat_load")
-    unload.click(on_unload, None, [status, active], api_name="chat_unload")
-    inputs = [message, bot, base_bot, system, temperature, top_p, top_k, max_new, penalty, active, compare]
-    outputs = [bot, base_bot, message, status]
-    send.click(on_send, inputs, outputs, api_name=False)
-    message.submit(on_send, inputs, outputs, api_name=False)
-    clear.click(lambda: ([], []), None, [bot, base_bot], api_name=False)
-    compare.change(on_compare, compare, [base_bot, bot], api_name=False)
+    load_inputs = [side.model, side.adapters, side.dtype, side.quant]
+    side.load.click(on_load, load_inputs, [side.status, side.active], api_name="chat_load")
+    side.unload.click(on_unload, None, [side.status, side.active], api_name="chat_unload")
+    inputs = [talk.message, talk.bot, talk.base_bot, side.system, *side.sliders, side.active, side.compare]
+    outputs = [talk.bot, talk.base_bot, talk.message, side.status]
+    talk.send.click(on_send, inputs, outputs, api_name=False)
+    talk.message.submit(on_send, inputs, outputs, api_name=False)
+    talk.clear.click(lambda: ([], []), None, [talk.bot, talk.base_bot], api_name=False)
+    side.compare.change(compare_updates, side.compare, [talk.base_bot, talk.bot], api_name=False)
     gr.api(chat, api_name="chat")
+
+
+def build(ctx: UIContext, tab) -> None:
+    def chat_status() -> str:  # a callable value: evaluated on every page load (endpoint /chat_status)
+        return status_markdown(local_status(chat_process(ctx.home)))
+
+    with gr.Row():
+        with gr.Column(scale=1, min_width=280):
+            side = _model_controls(ctx.jobs.store, chat_process(ctx.home), chat_status)
+        with gr.Column(scale=3):
+            talk = _conversation()
+    _wire(ctx, tab, side, talk)

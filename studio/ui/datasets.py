@@ -11,6 +11,7 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import gradio as gr
@@ -594,52 +595,56 @@ def fix_dataset(
 # ---------------------------------------------------------------- layout and wiring
 
 
-def build(ctx: UIContext, tab) -> None:
-    home = ctx.home
-    with gr.Row():
-        with gr.Column(scale=2):
-            upload = gr.File(
-                label="Dataset file", file_types=[".json", ".jsonl", ".csv", ".parquet"], elem_id="ds-upload"
-            )
-            path = gr.Textbox(
+def _source_form() -> SimpleNamespace:
+    """The left column: the file (upload or server path), its format and column map, the cutoff, Check,
+    then the name, description and Register."""
+    upload = gr.File(label="Dataset file", file_types=[".json", ".jsonl", ".csv", ".parquet"], elem_id="ds-upload")
+    path = gr.Textbox(
+        value="",
+        label="…or a path on the server",
+        placeholder="/data/my_dataset.jsonl (press Enter)",
+        elem_id="ds-path",
+    )
+    fmt = gr.Dropdown(list(FORMAT_CHOICES), value="auto", label="Format", elem_id="ds-format")
+    with gr.Accordion("Column map", open=True):
+        column_boxes = [
+            gr.Dropdown(
+                choices=[],
                 value="",
-                label="…or a path on the server",
-                placeholder="/data/my_dataset.jsonl (press Enter)",
-                elem_id="ds-path",
+                label=_LABELS[name],
+                allow_custom_value=True,
+                visible=False,
+                elem_id=f"ds-col-{name}",
             )
-            fmt = gr.Dropdown(list(FORMAT_CHOICES), value="auto", label="Format", elem_id="ds-format")
-            with gr.Accordion("Column map", open=True):
-                column_boxes = [
-                    gr.Dropdown(
-                        choices=[],
-                        value="",
-                        label=_LABELS[name],
-                        allow_custom_value=True,
-                        visible=False,
-                        elem_id=f"ds-col-{name}",
-                    )
-                    for name in COLUMN_FIELDS
-                ]
-            cutoff = gr.Number(
-                value=DEFAULT_CUTOFF, precision=0, minimum=1, label="Cutoff length (tokens)", elem_id="ds-cutoff"
-            )
-            check = gr.Button("Check", elem_id="ds-check")
-            name = gr.Textbox(value="", label="Name", placeholder="e.g. support-chats-v2", elem_id="ds-name")
-            description = gr.Textbox(value="", label="Description", elem_id="ds-description")
-            skip_invalid = gr.Checkbox(value=False, label="Skip invalid rows", elem_id="ds-skip-invalid")
-            register = gr.Button("Register", variant="primary", elem_id="ds-register")
-        with gr.Column(scale=3):
-            message = gr.Markdown(elem_id="ds-message")
-            preview = gr.Dataframe(
-                value=_empty_preview(),
-                label=f"Preview: the first rows as the model sees them ({TRAIN_OPEN}…{TRAIN_CLOSE} = trained)",
-                interactive=False,
-                wrap=True,
-                elem_id="ds-preview",
-            )
-            stats = gr.Markdown(elem_id="ds-stats")
-            hist = gr.Plot(label="Token lengths", elem_id="ds-hist")
+            for name in COLUMN_FIELDS
+        ]
+    cutoff = gr.Number(
+        value=DEFAULT_CUTOFF, precision=0, minimum=1, label="Cutoff length (tokens)", elem_id="ds-cutoff"
+    )
+    check = gr.Button("Check", elem_id="ds-check")
+    name = gr.Textbox(value="", label="Name", placeholder="e.g. support-chats-v2", elem_id="ds-name")
+    description = gr.Textbox(value="", label="Description", elem_id="ds-description")
+    skip_invalid = gr.Checkbox(value=False, label="Skip invalid rows", elem_id="ds-skip-invalid")
+    register = gr.Button("Register", variant="primary", elem_id="ds-register")
+    return SimpleNamespace(**locals())
 
+
+def _check_view() -> SimpleNamespace:
+    """The right column: the message, the preview as the model sees it, the stats and the length histogram."""
+    message = gr.Markdown(elem_id="ds-message")
+    preview = gr.Dataframe(
+        value=_empty_preview(),
+        label=f"Preview: the first rows as the model sees them ({TRAIN_OPEN}…{TRAIN_CLOSE} = trained)",
+        interactive=False,
+        wrap=True,
+        elem_id="ds-preview",
+    )
+    stats = gr.Markdown(elem_id="ds-stats")
+    hist = gr.Plot(label="Token lengths", elem_id="ds-hist")
+    return SimpleNamespace(**locals())
+
+
+def _registered_list() -> SimpleNamespace:
     gr.Markdown("### Registered datasets")
     table = gr.Dataframe(
         value=pd.DataFrame(columns=TABLE_COLUMNS), interactive=False, label="Datasets", elem_id="ds-table"
@@ -650,16 +655,22 @@ def build(ctx: UIContext, tab) -> None:
         delete = gr.Button("Delete", variant="stop", elem_id="ds-delete", scale=1)
         refresh = gr.Button("Refresh", elem_id="ds-refresh", scale=1)
     entry = gr.JSON(label="Entry", elem_id="ds-entry")
+    return SimpleNamespace(**locals())
 
+
+DOCTOR_INTRO = (
+    "Examine a registered dataset (it follows the list's selection) with the cutoff length set above: "
+    "duplicates and near copies, prompts with conflicting answers, length and language outliers, answers "
+    "that lose their EOS, and rows that leak across the train / validation split. Fixes register a "
+    "cleaned copy under a new name; the original is never changed."
+)
+
+
+def _doctor_panel() -> SimpleNamespace:
     with gr.Accordion("Dataset doctor", open=False, elem_id="doctor"):
-        gr.Markdown(
-            "Examine a registered dataset (it follows the list's selection) with the cutoff length set above: "
-            "duplicates and near copies, prompts with conflicting answers, length and language outliers, answers "
-            "that lose their EOS, and rows that leak across the train / validation split. Fixes register a "
-            "cleaned copy under a new name; the original is never changed."
-        )
+        gr.Markdown(DOCTOR_INTRO)
         with gr.Row():
-            doctor_dataset = gr.Dropdown(
+            dataset = gr.Dropdown(
                 choices=[],
                 value=None,
                 allow_custom_value=True,
@@ -667,16 +678,16 @@ def build(ctx: UIContext, tab) -> None:
                 elem_id="doctor-dataset",
                 scale=2,
             )
-            doctor_val = gr.Number(
+            val_size = gr.Number(
                 value=DOCTOR_VAL_SIZE,
                 minimum=0,
                 maximum=0.99,
                 label="Validation share (for the leakage check; 0 = no split)",
                 elem_id="doctor-val-size",
             )
-            doctor_seed = gr.Number(value=DOCTOR_SEED, precision=0, label="Seed (the run's)", elem_id="doctor-seed")
+            seed = gr.Number(value=DOCTOR_SEED, precision=0, label="Seed (the run's)", elem_id="doctor-seed")
             examine = gr.Button("Examine", elem_id="doctor-run")
-        doctor_summary = gr.Markdown(elem_id="doctor-summary")
+        summary = gr.Markdown(elem_id="doctor-summary")
         findings = gr.Dataframe(
             value=findings_frame(None), interactive=False, wrap=True, label="Findings", elem_id="doctor-findings"
         )
@@ -686,58 +697,87 @@ def build(ctx: UIContext, tab) -> None:
             fix = gr.Button("Apply safe fixes", variant="primary", elem_id="doctor-fix")
         with gr.Accordion("Report (JSON)", open=False):
             report_json = gr.JSON(label="Report", elem_id="doctor-report")
+    return SimpleNamespace(**locals())
 
-    source = [upload, path, fmt]
-    check_inputs = [*source, cutoff, skip_invalid]
+
+def _wire_buttons(home: Path, tab, src: SimpleNamespace, view: SimpleNamespace, listed: SimpleNamespace) -> None:
+    """Check, Register, the list (Refresh, tab selection, page load), Inspect and Delete."""
+    source = [src.upload, src.path, src.fmt]
     # the column map travels as keyword arguments: API callers pass e.g. output="answer" by name
-    columns = dict(zip(COLUMN_FIELDS, column_boxes, strict=True))
-    check_outputs = [message, preview, stats, hist]
-    listed = [table, select, message]
-
-    check.click(check_dataset, check_inputs, check_outputs, api_name="check_dataset", inputs_kwargs=columns)
-    register.click(
+    columns = dict(zip(COLUMN_FIELDS, src.column_boxes, strict=True))
+    check_outputs = [view.message, view.preview, view.stats, view.hist]
+    check_inputs = [*source, src.cutoff, src.skip_invalid]
+    src.check.click(check_dataset, check_inputs, check_outputs, api_name="check_dataset", inputs_kwargs=columns)
+    src.register.click(
         functools.partial(register_dataset, home),
-        [*source, name, description, skip_invalid],
-        [message, table, select],
+        [*source, src.name, src.description, src.skip_invalid],
+        [view.message, listed.table, listed.select],
         api_name="register_dataset",
         inputs_kwargs=columns,
     )
-    list_fn = functools.partial(list_datasets, home)
-    refresh.click(list_fn, select, listed, api_name="list_datasets")
-    tab.select(list_fn, select, listed, api_visibility="private")
-    gr.on(None, list_fn, None, listed, api_visibility="private")  # on page load (no inputs: else also on change)
-    inspect.click(
+    list_fn, list_outputs = functools.partial(list_datasets, home), [listed.table, listed.select, view.message]
+    listed.refresh.click(list_fn, listed.select, list_outputs, api_name="list_datasets")
+    tab.select(list_fn, listed.select, list_outputs, api_visibility="private")
+    gr.on(None, list_fn, None, list_outputs, api_visibility="private")  # on page load (no inputs: else also on change)
+    listed.inspect.click(
         functools.partial(inspect_dataset, home),
-        [select, cutoff],
-        [entry, message, preview, stats, hist],
+        [listed.select, src.cutoff],
+        [listed.entry, *check_outputs],
         api_name="inspect_dataset",
     )
-    delete.click(
-        functools.partial(delete_dataset, home), select, [message, table, select, entry], api_name="delete_dataset"
+    delete_outputs = [view.message, listed.table, listed.select, listed.entry]
+    listed.delete.click(
+        functools.partial(delete_dataset, home), listed.select, delete_outputs, api_name="delete_dataset"
     )
-    examine.click(
+
+
+def _wire_doctor(home: Path, src: SimpleNamespace, listed: SimpleNamespace, doc: SimpleNamespace) -> None:
+    doc.examine.click(
         functools.partial(examine_dataset, home),
-        [doctor_dataset, cutoff, doctor_val, doctor_seed],
-        [doctor_summary, findings, report_json, fix_name, fix_kinds],
+        [doc.dataset, src.cutoff, doc.val_size, doc.seed],
+        [doc.summary, doc.findings, doc.report_json, doc.fix_name, doc.fix_kinds],
         api_name="dataset_doctor",
     )
-    fix.click(
+    doc.fix.click(
         functools.partial(fix_dataset, home),
-        [doctor_dataset, fix_name, report_json, fix_kinds],
-        [doctor_summary, table, select],
+        [doc.dataset, doc.fix_name, doc.report_json, doc.fix_kinds],
+        [doc.summary, listed.table, listed.select],
         api_name="dataset_doctor_fix",
     )
 
-    # Automatic events last: private events are named after their function too, and the first event
-    # to claim a name keeps it (check_dataset must stay the Check button's).
+
+def _wire_automatic(home: Path, src: SimpleNamespace, view: SimpleNamespace, listed, doc) -> None:
+    """Automatic events last: private events are named after their function too, and the first event to
+    claim a name keeps it (check_dataset must stay the Check button's)."""
+    source = [src.upload, src.path, src.fmt]
+    columns = dict(zip(COLUMN_FIELDS, src.column_boxes, strict=True))
+    check_inputs, check_outputs = (
+        [*source, src.cutoff, src.skip_invalid],
+        [view.message, view.preview, view.stats, view.hist],
+    )
+
     def fill_then_check(trigger):
-        trigger(fill_columns, source, column_boxes, api_visibility="private").then(
+        trigger(fill_columns, source, src.column_boxes, api_visibility="private").then(
             check_dataset, check_inputs, check_outputs, api_visibility="private", inputs_kwargs=columns
         )
 
     # the doctor examines what the list has selected (also after a fix selects the new copy)
-    select.change(functools.partial(follow_selection, home), select, doctor_dataset, api_visibility="private")
-    fill_then_check(upload.upload)
-    fill_then_check(path.submit)
-    fill_then_check(fmt.input)
-    upload.clear(fill_columns, source, column_boxes, api_visibility="private")
+    follow = functools.partial(follow_selection, home)
+    listed.select.change(follow, listed.select, doc.dataset, api_visibility="private")
+    fill_then_check(src.upload.upload)
+    fill_then_check(src.path.submit)
+    fill_then_check(src.fmt.input)
+    src.upload.clear(fill_columns, source, src.column_boxes, api_visibility="private")
+
+
+def build(ctx: UIContext, tab) -> None:
+    with gr.Row():
+        with gr.Column(scale=2):
+            src = _source_form()
+        with gr.Column(scale=3):
+            view = _check_view()
+    listed = _registered_list()
+    doc = _doctor_panel()
+    _wire_buttons(ctx.home, tab, src, view, listed)
+    _wire_doctor(ctx.home, src, listed, doc)
+    _wire_automatic(ctx.home, src, view, listed, doc)

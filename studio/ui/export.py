@@ -1,27 +1,26 @@
 """Export tab: merge a run's adapter into its full-precision base, or take the adapter alone.
 
-The merge runs in a child process (`studio export`, the CLI): loading a base model for merging inside
-the web server would keep its memory (and VRAM) held long after the export.
+The merge runs in a child process (studio.services.exporter, which runs `studio export --json`): loading a
+base model for merging inside the web server would keep its memory (and VRAM) held long after the export.
+The tab shows the child's progress, then its result or its error.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
-from studio.core.allocator import child_env
 from studio.core.store import RunStatus
 from studio.core.workspace import RunDir
+from studio.services.exporter import ExportEvent, export_events
 from studio.ui.common import UIContext
 
-EXPORT_TIMEOUT_S = 1800
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,120}$")
+ExportView = tuple[str, pd.DataFrame | None, str | None]  # message, files table, zip path
 
 
 def exportable_runs(ctx: UIContext) -> list[tuple[str, str]]:
@@ -57,33 +56,34 @@ def files_table(folder: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["file", "size (MiB)"])
 
 
+def export_view(event: ExportEvent, kind: str) -> ExportView:
+    """What the tab shows for one event of the export's report."""
+    if event.kind == "progress":
+        return f"⏳ {event.message}…", None, None
+    if event.kind == "error":
+        return f"**Export failed:** {event.message}", None, None
+    out = Path(event.data["out_dir"])
+    zip_path = event.data.get("zip")
+    what = "Merged model (base + adapter, an ordinary HF folder)" if kind == "merged" else "Adapter (PEFT format)"
+    message = f"**{what}** saved to `{out}`. Download the zip below, or load the folder with `from_pretrained`."
+    return message, files_table(out), zip_path if zip_path and Path(zip_path).is_file() else None
+
+
 def run_export(
     ctx: UIContext, run_id: str | None, kind: str, folder_name: str, dtype: str, overwrite: bool
-) -> tuple[str, pd.DataFrame | None, str | None]:
-    """Export through the CLI in a child process. Returns (message, files table, zip path)."""
+) -> Iterator[ExportView]:
+    """Export in a child process, showing its progress, then its result or error."""
     if not run_id:
-        return "Pick a completed run to export.", None, None
+        yield "Pick a completed run to export.", None, None
+        return
     try:
         out = target_dir(ctx, run_id, kind, folder_name)
     except ValueError as err:
-        return f"**Error:** {err}", None, None
+        yield f"**Error:** {err}", None, None
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
-    flag = "--merge" if kind == "merged" else "--adapter"
-    cmd = [sys.executable, "-m", "studio.cli", "export", run_id, flag, str(out), "--dtype", dtype, "--zip"]
-    if overwrite:
-        cmd.append("--overwrite")
-    env = child_env(dict(os.environ, STUDIO_HOME=str(ctx.home)))
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=EXPORT_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return f"**Error:** the export took longer than {EXPORT_TIMEOUT_S // 60} minutes and was stopped.", None, None
-    if proc.returncode != 0:
-        reason = (proc.stderr.strip().splitlines() or ["unknown error"])[-1].removeprefix("error: ")
-        return f"**Export failed:** {reason}", None, None
-    zip_path = out.with_suffix(".zip")
-    what = "Merged model (base + adapter, an ordinary HF folder)" if kind == "merged" else "Adapter (PEFT format)"
-    message = f"**{what}** saved to `{out}`. Download the zip below, or load the folder with `from_pretrained`."
-    return message, files_table(out), str(zip_path) if zip_path.is_file() else None
+    for event in export_events(ctx.home, run_id, kind, out, dtype, overwrite):
+        yield export_view(event, kind)
 
 
 def build(ctx: UIContext, tab) -> None:
@@ -108,15 +108,15 @@ def build(ctx: UIContext, tab) -> None:
         return gr.update(choices=exportable_runs(ctx))
 
     tab.select(refresh, None, run, api_name=False)
-    merge.click(
-        lambda r, f, d, o: run_export(ctx, r, "merged", f, d, o),
-        [run, folder, dtype, overwrite],
-        [message, files, download],
-        api_name="export_merged",
-    )
-    adapter.click(
-        lambda r, f, d, o: run_export(ctx, r, "adapter", f, d, o),
-        [run, folder, dtype, overwrite],
-        [message, files, download],
-        api_name="export_adapter",
-    )
+    inputs, outputs = [run, folder, dtype, overwrite], [message, files, download]
+    merge.click(_export_handler(ctx, "merged"), inputs, outputs, api_name="export_merged")
+    adapter.click(_export_handler(ctx, "adapter"), inputs, outputs, api_name="export_adapter")
+
+
+def _export_handler(ctx: UIContext, kind: str):
+    """A generator handler (gradio streams each yield to the page) for one kind of export."""
+
+    def export(r, f, d, o):
+        yield from run_export(ctx, r, kind, f, d, o)
+
+    return export

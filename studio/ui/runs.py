@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import gradio as gr
 import pandas as pd
@@ -233,8 +234,8 @@ def run_coach(ctx: UIContext, run_id: str | None) -> str:
     return coach_markdown(advice_for_run(ctx.jobs.store, run))
 
 
-def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:
-    runs = ctx.jobs.store.list_runs()
+def _runs_list(runs: Sequence[Run]) -> SimpleNamespace:
+    """The runs table, the selection with Refresh and Delete, the message, the loss overlay and the coach."""
     table = gr.Dataframe(runs_frame(runs), label="Runs", interactive=False, elem_id="runs-table")
     with gr.Row():
         select = gr.Dropdown(
@@ -245,25 +246,38 @@ def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:
     message = gr.Markdown(elem_id="runs-message")
     plot = gr.Plot(charts.overlay_figure({}), label="Loss by run", elem_id="runs-overlay")
     coach = gr.Markdown(elem_id="runs-coach")
-    with gr.Row():
-        config = gr.Code(language="yaml", label="Config (last selected run)", elem_id="runs-config")
-        log = gr.Textbox(label="Log (last selected run)", lines=16, max_lines=16, elem_id="runs-log")
-    with gr.Row():
-        card_btn = gr.Button("Write run card (last selected run)", elem_id="runs-card", scale=1)
-        card_file = gr.File(label="Run card", elem_id="runs-card-file", interactive=False, scale=2)
-    card_text = gr.Markdown(elem_id="runs-card-text")
-    known = gr.State([])
+    return SimpleNamespace(**{k: v for k, v in locals().items() if k != "runs"})
 
+
+def _run_details(page: SimpleNamespace) -> None:
+    """The last selected run's config, log and run card."""
+    with gr.Row():
+        page.config = gr.Code(language="yaml", label="Config (last selected run)", elem_id="runs-config")
+        page.log = gr.Textbox(label="Log (last selected run)", lines=16, max_lines=16, elem_id="runs-log")
+    with gr.Row():
+        page.card_btn = gr.Button("Write run card (last selected run)", elem_id="runs-card", scale=1)
+        page.card_file = gr.File(label="Run card", elem_id="runs-card-file", interactive=False, scale=2)
+    page.card_text = gr.Markdown(elem_id="runs-card-text")
+    page.known = gr.State([])
+
+
+def _sweeps_panel(ctx: UIContext, page: SimpleNamespace) -> None:
     with gr.Accordion("Sweeps", open=True):
         with gr.Row():
-            sweep = gr.Dropdown(
+            page.sweep = gr.Dropdown(
                 sweep_choices(ctx), value=None, label="Sweep", elem_id="sweep-select", scale=4, allow_custom_value=True
             )
-            sweep_refresh = gr.Button("Refresh", elem_id="sweep-refresh", scale=1)
-            promote = gr.Button("Start long run from pick", variant="primary", elem_id="sweep-promote", scale=1)
-        sweep_pick = gr.Markdown(elem_id="sweep-pick")
-        sweep_table = gr.Dataframe(sweep_frame([], None), interactive=False, elem_id="sweep-table")
-        sweep_plot = gr.Plot(charts.sweep_figure({}), elem_id="sweep-plot")
+            page.sweep_refresh = gr.Button("Refresh", elem_id="sweep-refresh", scale=1)
+            page.promote = gr.Button("Start long run from pick", variant="primary", elem_id="sweep-promote", scale=1)
+        page.sweep_pick = gr.Markdown(elem_id="sweep-pick")
+        page.sweep_table = gr.Dataframe(sweep_frame([], None), interactive=False, elem_id="sweep-table")
+        page.sweep_plot = gr.Plot(charts.sweep_figure({}), elem_id="sweep-plot")
+
+
+def _wire_runs(ctx: UIContext, page: SimpleNamespace):
+    """The runs list: refresh (button, every 3 s, after a delete), selection, delete, cards and the API.
+    Returns the refresh handler (the tab's selection refreshes too)."""
+    table, select, message, known = page.table, page.select, page.message, page.known
 
     def do_refresh(selected, last):
         frame, choices, kept, ids = refresh(ctx, selected, last)
@@ -279,11 +293,11 @@ def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:
         return toggle_selection(selected, row[0]) if row else gr.skip()
 
     refresh_outputs = [table, select, known]
-    refresh_btn.click(do_refresh, [select, gr.State(None)], refresh_outputs, api_name=False)
+    page.refresh_btn.click(do_refresh, [select, gr.State(None)], refresh_outputs, api_name=False)
     gr.Timer(3.0).tick(do_refresh, [select, known], refresh_outputs, api_name=False, show_progress="hidden")
-    select.change(show, select, [plot, config, log, coach], api_name=False)
+    select.change(show, select, [page.plot, page.config, page.log, page.coach], api_name=False)
     table.select(on_row, select, select, api_name=False)
-    delete_btn.click(lambda ids: delete_runs(ctx, ids), select, message, api_name="delete_runs").then(
+    page.delete_btn.click(lambda ids: delete_runs(ctx, ids), select, message, api_name="delete_runs").then(
         do_refresh, [select, gr.State(None)], refresh_outputs, api_name=False
     )
 
@@ -296,14 +310,20 @@ def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:
         text, path = write_run_card(ctx, selected[-1] if selected else None)
         return text, path
 
-    card_btn.click(on_card, select, [card_text, card_file], api_name=False)
+    page.card_btn.click(on_card, select, [page.card_text, page.card_file], api_name=False)
 
     def api_run_card(run_id: str) -> str:
         return write_run_card(ctx, run_id)[0]
 
     gr.api(api_run_card, api_name="run_card")
+    return do_refresh
 
-    sweep_outputs = [sweep_plot, sweep_table, sweep_pick]
+
+def _wire_sweeps(ctx: UIContext, page: SimpleNamespace):
+    """The sweep view: its picker, refresh, the long run from the pick, the API, and a 3 s redraw while
+    scan runs train. Returns the refresh handler (the tab's selection refreshes too)."""
+    sweep, message = page.sweep, page.message
+    sweep_outputs = [page.sweep_plot, page.sweep_table, page.sweep_pick]
 
     def refresh_sweeps(current):
         choices = sweep_choices(ctx)
@@ -312,8 +332,8 @@ def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:
         return gr.update(choices=choices, value=value), *sweep_view(ctx, value)
 
     sweep.change(lambda sweep_id: sweep_view(ctx, sweep_id), sweep, sweep_outputs, api_name=False)
-    sweep_refresh.click(refresh_sweeps, sweep, [sweep, *sweep_outputs], api_name=False)
-    promote.click(lambda sweep_id: promote_sweep(ctx, sweep_id), sweep, message, api_name="promote_sweep").then(
+    page.sweep_refresh.click(refresh_sweeps, sweep, [sweep, *sweep_outputs], api_name=False)
+    page.promote.click(lambda sweep_id: promote_sweep(ctx, sweep_id), sweep, message, api_name="promote_sweep").then(
         refresh_sweeps, sweep, [sweep, *sweep_outputs], api_name=False
     )
 
@@ -334,6 +354,17 @@ def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:
         api_name=False,
         show_progress="hidden",
     )
+    return refresh_sweeps
+
+
+def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:
+    page = _runs_list(ctx.jobs.store.list_runs())
+    _run_details(page)
+    _sweeps_panel(ctx, page)
+    do_refresh = _wire_runs(ctx, page)
+    refresh_sweeps = _wire_sweeps(ctx, page)
     if tab is not None:
-        tab.select(do_refresh, [select, gr.State(None)], refresh_outputs, api_name=False)
-        tab.select(refresh_sweeps, sweep, [sweep, *sweep_outputs], api_name=False)
+        tab.select(do_refresh, [page.select, gr.State(None)], [page.table, page.select, page.known], api_name=False)
+        tab.select(
+            refresh_sweeps, page.sweep, [page.sweep, page.sweep_plot, page.sweep_table, page.sweep_pick], api_name=False
+        )

@@ -455,7 +455,6 @@ def plan_text(cfg: RunConfig, available: int | None = None, device: str | None =
         PlanError,
         allocator_caveat,
         device_free_memory,
-        fmt_bytes,
         plan_device,
         plan_memory,
         suggestions,
@@ -476,8 +475,21 @@ def plan_text(cfg: RunConfig, available: int | None = None, device: str | None =
         return f"**Memory estimate:** cannot read `{cfg.model.source}`: {err}"
     if available is None:
         available = device_free_memory(device)
+    fits = plan.fits(available)
+    tips = suggestions(model_config, cfg, available, device, shapes) if fits is False else []
+    lines = [*_plan_table(plan, cfg, device), *_fit_lines(plan, available, device, tips)]
+    caveat = allocator_caveat(device, choose_allocator().name)
+    if caveat:
+        lines += ["", f"Note: {caveat}"]
+    return "\n".join(lines)
+
+
+def _plan_table(plan, cfg: RunConfig, device: str) -> list[str]:
+    """The estimate's headline and its breakdown as a markdown table."""
+    from studio.model.memory import fmt_bytes
+
     rows = [f"| {i.name} | {fmt_bytes(i.bytes)} | {i.why} |" for i in plan.items]
-    lines = [
+    return [
         f"**Memory estimate: {fmt_bytes(plan.total_bytes)}** peak on {device}"
         f" ({cfg.train.batch_size} x {cfg.data.cutoff_len} tokens per step)",
         "",
@@ -486,23 +498,25 @@ def plan_text(cfg: RunConfig, available: int | None = None, device: str | None =
         *rows,
         "",
     ]
+
+
+def _fit_lines(plan, available: int | None, device: str, tips: Sequence) -> list[str]:
+    """Whether it fits the free memory; when it does not, the changes that help (tips: memory.suggestions)."""
+    from studio.model.memory import fmt_bytes
+
     fits = plan.fits(available)
     if fits is None:
-        lines.append(f"Free memory on {device}: unknown.")
-    elif fits:
-        lines.append(f"Free memory on {device}: {fmt_bytes(available)}. It fits.")
-    else:
-        lines.append(
-            f"⚠️ **Will not fit:** {fmt_bytes(plan.total_bytes)} needed, {fmt_bytes(available)} free on {device}. "
-            "Changes that help, one at a time:"
-        )
-        for tip in suggestions(model_config, cfg, available, device, shapes):
-            mark = "fits" if tip.plan.fits(available) else "still too big"
-            lines.append(f"- {tip.change}: {fmt_bytes(tip.plan.total_bytes)} ({mark})")
-    caveat = allocator_caveat(device, choose_allocator().name)
-    if caveat:
-        lines += ["", f"Note: {caveat}"]
-    return "\n".join(lines)
+        return [f"Free memory on {device}: unknown."]
+    if fits:
+        return [f"Free memory on {device}: {fmt_bytes(available)}. It fits."]
+    lines = [
+        f"⚠️ **Will not fit:** {fmt_bytes(plan.total_bytes)} needed, {fmt_bytes(available)} free on {device}. "
+        "Changes that help, one at a time:"
+    ]
+    for tip in tips:
+        mark = "fits" if tip.plan.fits(available) else "still too big"
+        lines.append(f"- {tip.change}: {fmt_bytes(tip.plan.total_bytes)} ({mark})")
+    return lines
 
 
 def plan_from_form(*values: Any) -> str:
@@ -935,12 +949,139 @@ def _skip_none(*values: Any) -> tuple:
     return tuple(gr.skip() if v is None else v for v in values)
 
 
-def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:
-    cfg, preset_name = _initial_config()
-    initial = dict(zip(FORM_KEYS, form_from_config(cfg), strict=True))
+# -- what the tab's handlers do (module level, callable without a page) ---------------------------
+
+
+def refresh_model(source, trust, group, targets) -> tuple:
+    """The model's layers, the target multiselect's update and the model timer (on only while the bundled
+    model is prepared). Never waits for that conversion (bundled_note)."""
+    from studio.model.loading import ModelError
+
+    waiting = gr.Timer(active=bundled_note(source) == PREPARING_NOTE)
+    try:
+        names = model_layers(source, trust)
+    except (ModelError, ImportError, OSError, ValueError) as err:
+        gr.Warning(str(err))
+        return [], gr.update(), waiting
+    return names, gr.update(choices=names, value=group_targets(group, names, targets)), waiting
+
+
+def model_tick(preset_name: str | None, *values: Any) -> tuple:
+    """Every 2 s while the bundled model is prepared: nothing; once it is ready (or failed), the model's
+    layers and the views, once, and the timer stops."""
+    source = form_value(values, "model.source")
+    if bundled_note(source) == PREPARING_NOTE:
+        return tuple(gr.skip() for _ in range(6))  # layers, targets, timer, then the three views
+    trust, group, current = (
+        form_value(values, k) for k in ("model.trust_remote_code", TARGET_GROUP, "lora.target_modules")
+    )
+    names, targets_update, _ = refresh_model(source, trust, group, current)
+    values = list(values)
+    if "value" in targets_update:
+        values[FORM_KEYS.index("lora.target_modules")] = targets_update["value"]
+    return names, targets_update, gr.Timer(active=False), *form_views(preset_name, *values)
+
+
+def qlora_toggle(on: bool) -> tuple:
+    """The QLoRA checkbox sets (mode, quant type, double quant); turned off it only clears the mode."""
+    return ("4bit", "nf4", True) if on else ("none", gr.skip(), gr.skip())
+
+
+def preset_form(name: str, datasets: Sequence[str], layers: Sequence[str]) -> list:
+    """A picked preset's form values and an empty message; on a bad preset the form stays and the message
+    says why."""
+    try:
+        return [*apply_preset(name, datasets, layers), ""]
+    except ConfigError as err:
+        return [*(gr.skip() for _ in FORM_KEYS), error_message(err)]
+
+
+def save_preset_and_list(name: str, *values: Any) -> tuple:
+    # no docstring: a named endpoint's handler's docstring becomes its API description
+    return save_form_preset(name, values), gr.update(choices=preset_choices())
+
+
+def start_and_watch(ctx: UIContext, *values: Any) -> tuple:
+    """Start: the message, and the new run to watch (left as it is when nothing started)."""
+    text, run_id = start_training(ctx, values)
+    return text, gr.skip() if run_id is None else run_id
+
+
+def sweep_and_watch(ctx: UIContext, param, values_text, param2, values2_text, steps, *values: Any) -> tuple:
+    text, run_id = start_sweep(ctx, param, values_text, param2, values2_text, steps, values)
+    return text, gr.skip() if run_id is None else run_id
+
+
+def runs_update(ctx: UIContext, current: str | None) -> dict:
+    """The run picker's choices; it keeps the watched run, else the newest active (a reload re-attaches)."""
+    runs = ctx.jobs.store.list_runs()
+    return gr.update(choices=run_choices(runs), value=current or default_run(runs))
+
+
+def watch_outputs(ctx: UIContext, run_id: str | None, last: str | None, n_plots: int) -> tuple:
+    """One watch tick as the outputs: status, progress, the plots, log, coach (skipped when unchanged), signature."""
+    view = watch(ctx, run_id, last)
+    figures = view.figures or [None] * n_plots
+    return view.status, view.progress, *_skip_none(*figures, view.log, view.coach), view.signature
+
+
+def lists_update(ctx: UIContext, run_id: str | None, current: Sequence[str] | None) -> tuple:
+    """On page load and tab selection: the registered datasets (the chosen ones kept) and the runs."""
+    datasets = gr.update(choices=sorted(set(_dataset_names(ctx)) | set(current or [])))
+    return datasets, runs_update(ctx, run_id)
+
+
+# -- building the tab ----------------------------------------------------------------------------
+
+
+PLOT_IDS = ("loss-plot", "lr-plot", "gradnorm-plot", "speed-plot", "memory-plot")
+
+
+@dataclass
+class TrainPage:
+    """The tab's components: w holds one widget per FORM_KEYS entry."""
+
+    w: dict[str, gr.components.Component]
+    layers: gr.State
+    preset: gr.Dropdown
+    params: gr.Markdown
+    plan: gr.Markdown
+    command: gr.Code = None
+    preset_save_name: gr.Textbox = None
+    preset_save: gr.Button = None
+    start: gr.Button = None
+    abort: gr.Button = None
+    resume: gr.Button = None
+    message: gr.Markdown = None
+    sweep_inputs: list = dataclasses.field(default_factory=list)
+    sweep_start: gr.Button = None
+    run: gr.Dropdown = None
+    watch_outputs: list = dataclasses.field(default_factory=list)
+    signature: gr.State = None
+    model_timer: gr.Timer = None
+
+    @property
+    def form(self) -> list:
+        return [self.w[k] for k in FORM_KEYS]
+
+    @property
+    def views(self) -> list:
+        return [self.params, self.plan, self.command]
+
+    @property
+    def model_inputs(self) -> list:
+        w = self.w
+        return [w["model.source"], w["model.trust_remote_code"], w[TARGET_GROUP], w["lora.target_modules"]]
+
+    @property
+    def model_outputs(self) -> list:
+        return [self.layers, self.w["lora.target_modules"], self.model_timer]
+
+
+def _top_rows(ctx: UIContext, initial: dict[str, Any], preset_name: str | None) -> TrainPage:
+    """Model, preset, datasets and name; trust-remote-code and the parameter count; the memory plan."""
     w: dict[str, gr.components.Component] = {}
     layers = gr.State([])
-
     with gr.Row():
         w["model.source"] = _special_widget("model.source", initial["model.source"], ctx)
         preset = gr.Dropdown(preset_choices(), value=preset_name, label="Preset", elem_id="train-preset", scale=1)
@@ -951,26 +1092,35 @@ def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:
         params = gr.Markdown("Trainable parameters: reading the model...", elem_id="train-params")
     with gr.Accordion("Memory: will it fit?", open=True):
         plan = gr.Markdown("Memory estimate: reading the model...", elem_id="train-plan")
+    return TrainPage(w, layers, preset, params, plan)
+
+
+def _form_sections(ctx: UIContext, page: TrainPage, initial: dict[str, Any]) -> None:
+    """One open accordion per SECTIONS entry, a widget per field."""
     for title, keys in SECTIONS:
         with gr.Accordion(title, open=True), gr.Row(equal_height=False):
             for key in keys:
                 if key in ("lora.target_modules", "distribution.devices"):
-                    w[key] = _special_widget(key, initial[key], ctx)
+                    page.w[key] = _special_widget(key, initial[key], ctx)
                 else:
-                    w[key] = _widget(key, initial[key])
-    form = [w[k] for k in FORM_KEYS]
+                    page.w[key] = _widget(key, initial[key])
 
+
+def _run_controls(page: TrainPage, cfg: RunConfig, preset_name: str | None) -> None:
+    """The CLI/YAML box, saving a preset, Start / Abort / Resume and the message line."""
     with gr.Accordion("CLI command and YAML", open=True):
-        command = gr.Code(command_text(cfg, preset_name), language="yaml", elem_id="train-command")
+        page.command = gr.Code(command_text(cfg, preset_name), language="yaml", elem_id="train-command")
     with gr.Row():
-        preset_save_name = gr.Textbox(label="Save the form as preset", elem_id="preset-save-name", scale=3)
-        preset_save = gr.Button("Save preset", elem_id="preset-save", scale=1)
+        page.preset_save_name = gr.Textbox(label="Save the form as preset", elem_id="preset-save-name", scale=3)
+        page.preset_save = gr.Button("Save preset", elem_id="preset-save", scale=1)
     with gr.Row():
-        start = gr.Button("Start", variant="primary", elem_id="train-start")
-        abort = gr.Button("Abort", variant="stop", elem_id="train-abort")
-        resume = gr.Button("Resume", elem_id="train-resume")
-    message = gr.Markdown(elem_id="train-message")
+        page.start = gr.Button("Start", variant="primary", elem_id="train-start")
+        page.abort = gr.Button("Abort", variant="stop", elem_id="train-abort")
+        page.resume = gr.Button("Resume", elem_id="train-resume")
+    page.message = gr.Markdown(elem_id="train-message")
 
+
+def _sweep_controls(page: TrainPage) -> None:
     with gr.Accordion("Sweep: scan a parameter with short runs, then train the pick longer", open=False):
         gr.Markdown(
             "One short run per value, smallest first, each with the form's settings and the scan length below. "
@@ -979,135 +1129,104 @@ def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:
             "(Data: val size) so the pick is made on eval loss."
         )
         with gr.Row():
-            sweep_param = gr.Dropdown(
-                list(SWEEPABLE), value="lora.r", label="Parameter", elem_id="sweep-param", scale=1
-            )
-            sweep_values = gr.Textbox(value="8,16,32,64", label="Values", elem_id="sweep-values", scale=2)
-            sweep_param2 = gr.Dropdown(
+            param = gr.Dropdown(list(SWEEPABLE), value="lora.r", label="Parameter", elem_id="sweep-param", scale=1)
+            values = gr.Textbox(value="8,16,32,64", label="Values", elem_id="sweep-values", scale=2)
+            param2 = gr.Dropdown(
                 [NO_SECOND_PARAM, *SWEEPABLE],
                 value=NO_SECOND_PARAM,
                 label="Second parameter (grid)",
                 elem_id="sweep-param2",
                 scale=1,
             )
-            sweep_values2 = gr.Textbox(value="", label="Values", elem_id="sweep-values2", scale=2)
-            sweep_steps = gr.Number(
+            values2 = gr.Textbox(value="", label="Values", elem_id="sweep-values2", scale=2)
+            steps = gr.Number(
                 value=DEFAULT_SCAN_STEPS, precision=0, label="Scan steps per run", elem_id="sweep-steps", scale=1
             )
-        sweep_start = gr.Button("Queue sweep", elem_id="sweep-start")
+        page.sweep_start = gr.Button("Queue sweep", elem_id="sweep-start")
+    page.sweep_inputs = [param, values, param2, values2, steps, *page.form]
 
-    run = gr.Dropdown([], value=None, label="Watching run", allow_custom_value=True, elem_id="train-run")
+
+def _watch_panel(page: TrainPage) -> None:
+    """The watched run: its status, progress, coach, plots and log."""
+    page.run = gr.Dropdown([], value=None, label="Watching run", allow_custom_value=True, elem_id="train-run")
     status = gr.Markdown(elem_id="train-status")
     progress = gr.HTML(progress_html(0, 0), elem_id="train-progress")
     coach = gr.Markdown(elem_id="train-coach")
-    plot_ids = ("loss-plot", "lr-plot", "gradnorm-plot", "speed-plot", "memory-plot")
     with gr.Row():
-        plots = [gr.Plot(label=i.split("-")[0], elem_id=i) for i in plot_ids[:1]]
+        plots = [gr.Plot(label=i.split("-")[0], elem_id=i) for i in PLOT_IDS[:1]]
     with gr.Row():
-        plots += [gr.Plot(label=i.split("-")[0], elem_id=i) for i in plot_ids[1:]]
+        plots += [gr.Plot(label=i.split("-")[0], elem_id=i) for i in PLOT_IDS[1:]]
     log = gr.Textbox(label="Log", lines=12, max_lines=12, autoscroll=True, elem_id="train-log")
-    signature = gr.State("")
+    page.signature = gr.State("")
+    page.watch_outputs = [status, progress, *plots, log, coach, page.signature]
 
-    # -- model, targets and parameter count --
-    # Never waits for the bundled model's conversion (bundled_note): while it runs, the targets are its known
-    # layers, and model_timer (on only then) reads the model once it is ready, then turns itself off.
-    model_timer = gr.Timer(2.0, active=False)
 
-    def refresh_model(source, trust, group, targets):
-        from studio.model.loading import ModelError
-
-        waiting = gr.Timer(active=bundled_note(source) == PREPARING_NOTE)
-        try:
-            names = model_layers(source, trust)
-        except (ModelError, ImportError, OSError, ValueError) as err:
-            gr.Warning(str(err))
-            return [], gr.update(), waiting
-        return names, gr.update(choices=names, value=group_targets(group, names, targets)), waiting
-
-    # -- what the form implies: parameter count, memory plan, CLI/YAML box --
-    # One handler for all three, fired by user edits of the multiselects (.input) and by .change of the
-    # rest. Separate handlers sharing the multiselect inputs re-fired its .change after every response
-    # (gradio 6.31), a request loop that kept a core busy while the tab was open and slowed training ~7x.
-    views = [params, plan, command]
-    multiselects = ("lora.target_modules", "data.datasets")
+def _wire_form_views(page: TrainPage) -> None:
+    """Parameter count, memory plan and CLI/YAML box follow the form: one handler for all three, fired by
+    user edits of the multiselects (.input) and by .change of the rest. Separate handlers sharing the
+    multiselect inputs re-fired its .change after every response (gradio 6.31), a request loop that kept a
+    core busy while the tab was open and slowed training ~7x."""
+    w, multiselects = page.w, ("lora.target_modules", "data.datasets")
     triggers = [w[k].input if k in multiselects else w[k].change for k in FORM_KEYS]
-    gr.on([*triggers, preset.change], form_views, [preset, *form], views, trigger_mode="always_last", api_name=False)
+    inputs = [page.preset, *page.form]
+    gr.on([*triggers, page.preset.change], form_views, inputs, page.views, trigger_mode="always_last", api_name=False)
 
-    model_inputs = [w["model.source"], w["model.trust_remote_code"], w[TARGET_GROUP], w["lora.target_modules"]]
-    targets = w["lora.target_modules"]
-    model_outputs = [layers, targets, model_timer]
-    # Programmatic target changes fire no .input: refresh the views after them explicitly.
-    w["model.source"].change(refresh_model, model_inputs, model_outputs, api_name=False).then(
-        form_views, [preset, *form], views, api_name=False
+
+def _then_views(page: TrainPage, event) -> None:
+    """Programmatic changes fire no .input: refresh the views after them explicitly."""
+    event.then(form_views, [page.preset, *page.form], page.views, api_name=False)
+
+
+def _wire_model(page: TrainPage) -> None:
+    """Model, targets and parameter count. While the bundled model is prepared the targets are its known
+    layers, and model_timer (on only then) reads the model once it is ready, then turns itself off."""
+    w, targets = page.w, page.w["lora.target_modules"]
+    _then_views(page, w["model.source"].change(refresh_model, page.model_inputs, page.model_outputs, api_name=False))
+    page.model_timer.tick(
+        model_tick,
+        [page.preset, *page.form],
+        [*page.model_outputs, *page.views],
+        api_name=False,
+        show_progress="hidden",
     )
+    group = w[TARGET_GROUP]
+    _then_views(page, group.input(group_targets, [group, page.layers, targets], targets, api_name=False))
+    targets.input(group_for_targets, [targets, page.layers], group, api_name=False)
 
-    def model_tick(preset_name, *values):
-        """Every 2 s while the bundled model is prepared: nothing; once it is ready (or failed), the model's
-        layers and the views, once, and the timer stops."""
-        source = form_value(values, "model.source")
-        if bundled_note(source) == PREPARING_NOTE:
-            return (*(gr.skip() for _ in (*model_outputs, *views)),)
-        trust, group, current = (
-            form_value(values, k) for k in ("model.trust_remote_code", TARGET_GROUP, "lora.target_modules")
-        )
-        names, targets_update, _ = refresh_model(source, trust, group, current)
-        values = list(values)
-        if "value" in targets_update:
-            values[FORM_KEYS.index("lora.target_modules")] = targets_update["value"]
-        return names, targets_update, gr.Timer(active=False), *form_views(preset_name, *values)
 
-    model_timer.tick(model_tick, [preset, *form], [*model_outputs, *views], api_name=False, show_progress="hidden")
-    w[TARGET_GROUP].input(group_targets, [w[TARGET_GROUP], layers, targets], targets, api_name=False).then(
-        form_views, [preset, *form], views, api_name=False
-    )
-    targets.input(group_for_targets, [targets, layers], w[TARGET_GROUP], api_name=False)
-
-    # -- QLoRA toggle and quantization dropdown stay in step --
-    def qlora_toggle(on):
-        return ("4bit", "nf4", True) if on else ("none", gr.skip(), gr.skip())
-
+def _wire_quant_and_presets(page: TrainPage) -> None:
+    """The QLoRA toggle and the quantization dropdown stay in step; presets load and save."""
+    w = page.w
     quant_outs = [w["quant.mode"], w["quant.quant_type"], w["quant.double_quant"]]
     w[QLORA].input(qlora_toggle, w[QLORA], quant_outs, api_name=False)
     w["quant.mode"].change(lambda mode: mode == "4bit", w["quant.mode"], w[QLORA], api_name=False)
+    preset_inputs = [page.preset, w["data.datasets"], page.layers]
+    _then_views(page, page.preset.input(preset_form, preset_inputs, [*page.form, page.message], api_name=False))
+    save_inputs = [page.preset_save_name, *page.form]
+    page.preset_save.click(save_preset_and_list, save_inputs, [page.message, page.preset], api_name="save_preset")
 
-    # -- presets --
-    def on_preset(name, datasets, names):
-        try:
-            return [*apply_preset(name, datasets, names), ""]
-        except ConfigError as err:
-            return [*(gr.skip() for _ in form), error_message(err)]
 
-    preset.input(on_preset, [preset, w["data.datasets"], layers], [*form, message], api_name=False).then(
-        form_views, [preset, *form], views, api_name=False
-    )
-
-    def on_save(name, *values):
-        text = save_form_preset(name, values)
-        return text, gr.update(choices=preset_choices())
-
-    preset_save.click(on_save, [preset_save_name, *form], [message, preset], api_name="save_preset")
-
-    # -- runs --
-    def on_start(*values):
-        text, run_id = start_training(ctx, values)
-        return text, gr.skip() if run_id is None else run_id
+def _wire_runs(ctx: UIContext, page: TrainPage) -> None:
+    """Start, sweep, abort and resume, and the API endpoints for scripts."""
+    run, message = page.run, page.message
 
     def refresh_runs(current):
-        runs = ctx.jobs.store.list_runs()
-        return gr.update(choices=run_choices(runs), value=current or default_run(runs))
+        return runs_update(ctx, current)
 
-    start.click(on_start, form, [message, run], api_name="start_training").then(refresh_runs, run, run, api_name=False)
+    def on_start(*values):
+        return start_and_watch(ctx, *values)
 
-    def on_sweep(param, values_text, param2, values2_text, steps, *values):
-        text, run_id = start_sweep(ctx, param, values_text, param2, values2_text, steps, values)
-        return text, gr.skip() if run_id is None else run_id
+    def on_sweep(param, values_text, param2, values2_text, steps, *values):  # names: the API's parameters
+        return sweep_and_watch(ctx, param, values_text, param2, values2_text, steps, *values)
 
-    sweep_inputs = [sweep_param, sweep_values, sweep_param2, sweep_values2, sweep_steps, *form]
-    sweep_start.click(on_sweep, sweep_inputs, [message, run], api_name="start_sweep").then(
+    page.start.click(on_start, page.form, [message, run], api_name="start_training").then(
         refresh_runs, run, run, api_name=False
     )
-    abort.click(lambda run_id: abort_run(ctx, run_id), run, message, api_name="abort_run")
-    resume.click(lambda run_id: resume_run(ctx, run_id), run, message, api_name="resume_run").then(
+    page.sweep_start.click(on_sweep, page.sweep_inputs, [message, run], api_name="start_sweep").then(
+        refresh_runs, run, run, api_name=False
+    )
+    page.abort.click(lambda run_id: abort_run(ctx, run_id), run, message, api_name="abort_run")
+    page.resume.click(lambda run_id: resume_run(ctx, run_id), run, message, api_name="resume_run").then(
         refresh_runs, run, run, api_name=False
     )
 
@@ -1121,29 +1240,45 @@ def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:
     gr.api(api_run_status, api_name="run_status")
     gr.api(api_start_preset_run, api_name="start_preset_run")
 
+
+def _wire_watch_and_load(ctx: UIContext, page: TrainPage, tab: gr.Tab | None) -> None:
+    """The watched run redraws every second; page load (and so every reload) re-attaches to the newest active
+    run and reads the model's layers: two handlers, so the datasets and runs never wait on the model."""
+    n_plots = len(PLOT_IDS)
+
     def tick(run_id, last):
-        view = watch(ctx, run_id, last)
-        figures = view.figures or [None] * len(plots)
-        return view.status, view.progress, *_skip_none(*figures, view.log, view.coach), view.signature
+        return watch_outputs(ctx, run_id, last, n_plots)
 
     timer = gr.Timer(1.0)
-    watch_outputs = [status, progress, *plots, log, coach, signature]
-    timer.tick(tick, [run, signature], watch_outputs, api_name=False, show_progress="hidden")
+    timer.tick(tick, [page.run, page.signature], page.watch_outputs, api_name=False, show_progress="hidden")
     # A new run to watch draws everything afresh, at once.
-    run.change(lambda run_id: tick(run_id, None), run, watch_outputs, api_name=False, show_progress="hidden")
+    page.run.change(
+        lambda run_id: tick(run_id, None), page.run, page.watch_outputs, api_name=False, show_progress="hidden"
+    )
 
     def on_load(run_id, current):
-        datasets = gr.update(choices=sorted(set(_dataset_names(ctx)) | set(current or [])))
-        return datasets, refresh_runs(run_id)
+        return lists_update(ctx, run_id, current)
 
-    # Page load (and so every reload) re-attaches to the newest active run and reads the model's layers:
-    # two handlers, so the datasets and runs never wait on the model.
-    lists_inputs, lists_outputs = [run, w["data.datasets"]], [w["data.datasets"], run]
+    lists_inputs, lists_outputs = [page.run, page.w["data.datasets"]], [page.w["data.datasets"], page.run]
     Context.root_block.load(on_load, lists_inputs, lists_outputs, api_name=False)
-    Context.root_block.load(refresh_model, model_inputs, model_outputs, api_name=False).then(
-        form_views, [preset, *form], views, api_name=False
-    )
+    _then_views(page, Context.root_block.load(refresh_model, page.model_inputs, page.model_outputs, api_name=False))
     if tab is not None:
         # New datasets registered in the Datasets tab and runs started from the CLI appear on selection.
         tab.select(on_load, lists_inputs, lists_outputs, api_name=False)
-        tab.select(refresh_model, model_inputs, model_outputs, api_name=False)
+        tab.select(refresh_model, page.model_inputs, page.model_outputs, api_name=False)
+
+
+def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:
+    cfg, preset_name = _initial_config()
+    initial = dict(zip(FORM_KEYS, form_from_config(cfg), strict=True))
+    page = _top_rows(ctx, initial, preset_name)
+    _form_sections(ctx, page, initial)
+    _run_controls(page, cfg, preset_name)
+    _sweep_controls(page)
+    _watch_panel(page)
+    page.model_timer = gr.Timer(2.0, active=False)
+    _wire_form_views(page)
+    _wire_model(page)
+    _wire_quant_and_presets(page)
+    _wire_runs(ctx, page)
+    _wire_watch_and_load(ctx, page, tab)

@@ -84,3 +84,39 @@ def test_a_preset_file_path_and_a_saved_run_config_both_load(tmp_path):
     with pytest.raises(Exception, match="does not exist"):
         load_run_config(str(tmp_path / "missing.yaml"))
     assert isinstance(by_path, RunConfig)
+
+
+def _adapter_folder(path: Path) -> Path:
+    path.mkdir()
+    (path / "adapter_config.json").write_text('{"base_model_name_or_path": "bundled"}')
+    (path / "adapter_model.safetensors").write_bytes(b"weights")
+    return path
+
+
+def test_export_output_is_unchanged_without_json(tmp_path, capsys):
+    adapter = _adapter_folder(tmp_path / "adapter")
+    assert main(["export", str(adapter), "--adapter", str(tmp_path / "out"), "--zip"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"Saved to {tmp_path / 'out'} (") and lines[-1] == f"zip: {tmp_path / 'out.zip'}"
+    assert any(line.startswith("adapter_model.safetensors  ") for line in lines)
+
+
+def test_export_json_reports_progress_then_one_result(tmp_path, capsys):
+    adapter = _adapter_folder(tmp_path / "adapter")
+    assert main(["export", str(adapter), "--adapter", str(tmp_path / "out"), "--zip", "--json"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [e["type"] for e in events] == ["progress", "progress", "progress", "result"]
+    result = events[-1]
+    assert result["out_dir"] == str(tmp_path / "out") and result["zip"] == str(tmp_path / "out.zip")
+    assert ["adapter_model.safetensors", 7] in result["files"] and result["message"].startswith("Saved to")
+
+
+def test_export_json_errors_are_a_line_too_with_the_usual_exit_code(tmp_path, capsys):
+    assert main(["export", "x", "--json"]) == 2
+    out, err = capsys.readouterr()
+    (event,) = [json.loads(line) for line in out.splitlines()]
+    assert event["type"] == "error" and event["code"] == 2 and "--merge OUT_DIR" in event["message"]
+    assert err.startswith("error: say what to export")
+    assert main(["export", str(tmp_path), "--adapter", str(tmp_path / "o"), "--json"]) == 1
+    last = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert last["type"] == "error" and last["code"] == 1 and "holds no adapter" in last["message"]

@@ -243,3 +243,27 @@ def test_build_makes_the_widgets_and_endpoints(home):
         "system_prompt",
         "max_new_tokens",
     ]
+
+
+def test_the_tabs_handlers_show_what_is_loaded_and_what_went_wrong(store, home):
+    make_run(store, home, "r1", RunStatus.COMPLETED)
+    proc = FakeProcess()
+    adapters, active, status = ui.selection_updates(proc, store, ["r1", "gone"], "r1")
+    assert adapters.value == ["r1"] and active.value == BASE and status.startswith("No chat model loaded")
+    status, active = ui.load_updates(proc, store, "bundled", ["r1"], "fp32", "none")
+    assert "`r1`" in status and active.value == "r1"
+    status, active = ui.load_updates(proc, store, "bundled", ["r1"], "fp32", "2bit")
+    assert "Quantization must be one of" in status and active.value == BASE
+    proc.unload = lambda: setattr(proc, "base", None)
+    status, active = ui.unload_updates(proc)
+    assert "memory was given back" in status and active.value == BASE
+
+
+def test_send_streams_then_shows_the_status_and_keeps_the_text_after_a_refusal():
+    widgets = (0.0, 1.0, 0, 16, 1.0)
+    steps = list(ui.send_updates(FakeProcess(alive=True), "hi", [], [], "", widgets, BASE, False))
+    assert steps[-2][0][-1]["content"] == "[base] hello there" and steps[-2][2] == ""
+    assert steps[-1][3].startswith("**Loaded:**")
+    ((_, _, kept, message),) = ui.send_updates(FakeProcess(), "hi", [], [], "", widgets, BASE, False)
+    assert kept == {"__type__": "update"} and "press Load" in message
+    assert ui.compare_updates(True)[0].visible and ui.compare_updates(False)[1].label == "Chat"

@@ -153,6 +153,46 @@ def test_the_form_never_waits_for_the_bundled_models_conversion(tmp_path, monkey
     assert not (cache / models.BUNDLED_DIRNAME).exists()
 
 
+def test_handlers_while_the_bundled_model_is_prepared(tmp_path, monkeypatch):
+    """The targets are its known layers and the timer stays on; a timer tick changes nothing until then."""
+    import gradio as gr
+
+    from studio.model import loading as models
+
+    monkeypatch.setenv("STUDIO_MODEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models._Preparation, "start", lambda self: None)  # in progress, no child here
+    names, targets, timer = T.refresh_model("bundled", False, "attention", [])
+    assert names == LLAMA_LAYERS and targets["value"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert isinstance(timer, gr.Timer) and timer.active
+    form = T.form_from_config(load_preset("quick-demo"))
+    ticked = T.model_tick("quick-demo", *form)
+    assert len(ticked) == 6 and all(isinstance(v, type(gr.skip())) for v in ticked)
+
+
+def test_qlora_toggle_and_a_bad_preset_keep_the_form():
+    assert T.qlora_toggle(True) == ("4bit", "nf4", True)
+    mode, *rest = T.qlora_toggle(False)
+    assert mode == "none" and all(v == {"__type__": "update"} for v in rest)
+    *form, message = T.preset_form("no-such-preset", [], [])
+    assert len(form) == len(T.FORM_KEYS) and all(v == {"__type__": "update"} for v in form)
+    assert "no-such-preset" in message
+
+
+def test_start_and_watch_picks_the_new_run_or_keeps_the_watched_one(ctx):
+    form = T.form_from_config(load_preset("quick-demo"))
+    text, run_id = T.start_and_watch(ctx, *form)
+    assert run_id in text and T.runs_update(ctx, None)["value"] == run_id
+    text, skipped = T.start_and_watch(ctx, *with_values(form, lora__r=0))
+    assert "lora.r" in text and skipped == {"__type__": "update"}
+    datasets, runs = T.lists_update(ctx, run_id, ["mine"])
+    assert "mine" in datasets["choices"] and "studio-facts" in datasets["choices"] and runs["value"] == run_id
+
+
+def test_a_watch_tick_fills_every_output(ctx):
+    outputs = T.watch_outputs(ctx, None, None, len(T.PLOT_IDS))
+    assert len(outputs) == 2 + len(T.PLOT_IDS) + 3 and outputs[0].startswith("No run selected")
+
+
 def test_a_failed_bundled_preparation_is_shown_instead_of_the_count(tmp_path, monkeypatch):
     from studio.model import loading as models
 
