@@ -55,6 +55,14 @@ from studio.training.loop import checkpoint_step, list_checkpoints
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "log.txt"
 CHECKPOINT_FILES = ("adapter_model.safetensors", "trainer_state.json", "optimizer.pt")
+# RUN_DIR/ABORT_FILE: an abort request kept on disk. The worker checks it at every step as well as taking
+# SIGTERM, so an abort is honoured even when the signal is missed (sent while the worker was still starting,
+# or to a launched run's processes); resume removes it.
+ABORT_FILE = "abort-requested"
+
+
+def abort_requested(run_dir: Path) -> bool:
+    return (Path(run_dir) / ABORT_FILE).exists()
 
 
 def min_free_bytes() -> int:
@@ -460,6 +468,7 @@ class JobManager:
         if run.status != RunStatus.RUNNING:
             raise JobError(f"Run {run_id} is {run.status.value}; only queued or running runs can be aborted.")
         if process_alive(run.pid, run.pid_started):
+            (Path(run.run_dir) / ABORT_FILE).write_text(f"{time.time():.3f}\n")  # first, so no stop is lost
             os.kill(run.pid, signal.SIGTERM)
             self.store.add_event(run_id, "Abort requested: saving a checkpoint, then stopping")
         else:
@@ -497,6 +506,7 @@ class JobManager:
             if problem and (path is None or checkpoint_step(p) > checkpoint_step(path))
         ]
         step = checkpoint_step(path) if path else 0
+        (Path(run.run_dir) / ABORT_FILE).unlink(missing_ok=True)  # the old request must not stop the resumed run
         self.store.truncate_metrics(run_id, step)
         self.store.transition(run_id, RunStatus.QUEUED, resume_from=str(path) if path else None)
         if skipped:

@@ -36,7 +36,7 @@ from studio.core.config import ConfigError, RunConfig, parse_gpu_ids
 from studio.core.procs import child_pids, process_start_token
 from studio.core.store import IllegalTransition, RunStatus, Store
 from studio.core.workspace import db_path, studio_home
-from studio.runs.queue import CONFIG_FILE, SPAWNED_ENV, JobManager, missing_datasets
+from studio.runs.queue import CONFIG_FILE, SPAWNED_ENV, JobManager, abort_requested, missing_datasets
 from studio.training.launch import (
     ASSIGNED_ENV,
     RankInfo,
@@ -210,9 +210,6 @@ def mark_failed(store: Store, run_id: str, run_dir: Path, message: str) -> bool:
 
 def _install_stop_handler(on_stop=None) -> threading.Event:
     stop = threading.Event()
-    if _EARLY_SIGNALS:  # asked to stop while still starting
-        print("[info] SIGTERM received while starting: stopping before training", flush=True)
-        stop.set()
 
     def on_signal(signum, _frame):
         first = not stop.is_set()
@@ -222,9 +219,31 @@ def _install_stop_handler(on_stop=None) -> threading.Event:
         if on_stop is not None:
             on_stop(first)
 
+    # Installed before the early signals are read: a SIGTERM landing in between is then seen, not lost.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if _EARLY_SIGNALS:  # asked to stop while still starting
+        print("[info] SIGTERM received while starting: stopping before training", flush=True)
+        stop.set()
     return stop
+
+
+def stop_check(stop: threading.Event, run_dir: Path):
+    """What training asks at every step: a stop signal, or an abort request on disk (JobManager.abort)."""
+    said: list[bool] = []
+
+    def should_stop() -> bool:
+        if stop.is_set():
+            return True
+        if abort_requested(run_dir):
+            if not said:
+                said.append(True)
+                print("[info] Abort request found: saving a checkpoint and stopping", flush=True)
+            stop.set()
+            return True
+        return False
+
+    return should_stop
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from studio.training.loop import run_training
 
-            result = run_training(config, run_dir, sink, stop.is_set, resume_from=run.resume_from, home=home)
+            should_stop = stop_check(stop, run_dir)
+            result = run_training(config, run_dir, sink, should_stop, resume_from=run.resume_from, home=home)
             record_result(store, home, run_id, result, sink)
     except BaseException as err:  # noqa: BLE001 - every failure must reach the store, not leave "running"
         report_failure(store, run_id, run_dir, err)
@@ -399,7 +419,8 @@ def rank_main(run_dir: Path, home: Path, rank: RankInfo) -> int:
         from studio.training.loop import run_training
 
         config = RunConfig.load(run_dir / CONFIG_FILE)
-        result = run_training(config, run_dir, sink, stop.is_set, resume_from=resume_from, home=home)
+        should_stop = stop.is_set if joined else stop_check(stop, run_dir)
+        result = run_training(config, run_dir, sink, should_stop, resume_from=resume_from, home=home)
         if store is not None and rank.main:
             record_result(store, home, run_id, result, sink)
     except BaseException as err:  # noqa: BLE001 - the first failure reaches the store for every process

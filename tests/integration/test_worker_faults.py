@@ -13,7 +13,7 @@ import pytest
 from studio.core.config import RunConfig
 from studio.core.procs import process_alive
 from studio.core.store import RunStatus
-from studio.runs.queue import JobManager
+from studio.runs.queue import ABORT_FILE, JobManager
 from studio.training.loop import checkpoint_step, latest_checkpoint
 from tests.builders import small_run_config
 
@@ -49,6 +49,21 @@ def test_sigterm_saves_a_checkpoint_and_aborts(jobs, tiny_model_dir):
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), ckpt)
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
     assert not (jobs.run_dir(run.id) / "adapter").exists()  # only a completed run has a final adapter
+
+
+def test_an_abort_request_on_disk_stops_the_run_without_a_signal(jobs, tiny_model_dir):
+    """JobManager.abort writes the request before it signals: a worker that missed the SIGTERM still stops,
+    and resume clears the request so the resumed run trains on."""
+    run = jobs.submit(tiny_config(tiny_model_dir, max_steps=5000))
+    wait_for(lambda: jobs.store.get_run(run.id).step >= 3)
+    (jobs.run_dir(run.id) / ABORT_FILE).write_text("test\n")  # no signal sent
+    done = jobs.wait(run.id, timeout=120)
+    assert done.status == RunStatus.ABORTED, done.error
+    resumed = jobs.resume(run.id)
+    assert not (jobs.run_dir(run.id) / ABORT_FILE).exists()
+    wait_for(lambda: jobs.store.get_run(run.id).step > done.step + 2)
+    jobs.abort(resumed.id)
+    assert jobs.wait(run.id, timeout=120).status == RunStatus.ABORTED
 
 
 def test_sigkill_is_marked_interrupted_and_resume_continues_the_curve(jobs, home, tiny_model_dir):
