@@ -107,6 +107,7 @@ class RunDir:
 
         config.yaml                  the run's config: written at submit, read by its worker
         log.txt                      the worker's output (and the training processes')
+        abort-requested              an abort asked for, until the worker has stopped (resume removes it)
         data_facts.json              the coach's view of the data, written as the run starts
         checkpoints/checkpoint-N/    the Trainer's checkpoints (CHECKPOINT_FILES), resumable
         ranks/rank-N.json            what each process of a launched run did, written at its end
@@ -130,6 +131,10 @@ class RunDir:
     RANKS: ClassVar[str] = "ranks"
     EVAL: ClassVar[str] = "eval"
     EVAL_LATEST: ClassVar[str] = "latest.json"
+    # An abort request kept on disk: the worker checks it at every step as well as taking SIGTERM, so an
+    # abort is honoured even when the signal is missed (sent while the worker was still starting, or to a
+    # launched run's processes); resume removes it.
+    ABORT_REQUEST: ClassVar[str] = "abort-requested"
     ADAPTER: ClassVar[str] = "adapter"
     RUN_JSON: ClassVar[str] = "run.json"
     CARD: ClassVar[str] = "README.md"
@@ -149,6 +154,10 @@ class RunDir:
     def of(cls, run: Any) -> RunDir:
         """The folder of a store row (a `Run`): its run_dir, and its adapter_dir when it has one."""
         return cls(Path(run.run_dir), Path(run.adapter_dir) if run.adapter_dir else None)
+
+    @property
+    def abort_request(self) -> Path:
+        return self.path / self.ABORT_REQUEST
 
     @property
     def run_id(self) -> str:

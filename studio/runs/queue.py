@@ -358,6 +358,7 @@ class JobManager:
         if run.status != RunStatus.RUNNING:
             raise JobError(f"Run {run_id} is {run.status.value}; only queued or running runs can be aborted.")
         if process_alive(run.pid, run.pid_started):
+            RunDir(run.run_dir).abort_request.write_text(f"{time.time():.3f}\n")  # first, so no stop is lost
             os.kill(run.pid, signal.SIGTERM)
             self.store.add_event(run_id, "Abort requested: saving a checkpoint, then stopping")
         else:
@@ -395,6 +396,7 @@ class JobManager:
             if problem and (path is None or checkpoint_step(p) > checkpoint_step(path))
         ]
         step = checkpoint_step(path) if path else 0
+        RunDir(run.run_dir).abort_request.unlink(missing_ok=True)  # the old request must not stop the resumed run
         self.store.truncate_metrics(run_id, step)
         self.store.transition(run_id, RunStatus.QUEUED, resume_from=str(path) if path else None)
         if skipped:

@@ -227,9 +227,6 @@ def mark_failed(store: Store, run_id: str, run_dir: Path, message: str) -> bool:
 
 def _install_stop_handler(on_stop=None) -> threading.Event:
     stop = threading.Event()
-    if _EARLY_SIGNALS:  # asked to stop while still starting
-        LOG.info("[info] SIGTERM received while starting: stopping before training")
-        stop.set()
 
     def on_signal(signum, _frame):
         first = not stop.is_set()
@@ -239,9 +236,31 @@ def _install_stop_handler(on_stop=None) -> threading.Event:
         if on_stop is not None:
             on_stop(first)
 
+    # Installed before the early signals are read: a SIGTERM landing in between is then seen, not lost.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if _EARLY_SIGNALS:  # asked to stop while still starting
+        LOG.info("[info] SIGTERM received while starting: stopping before training")
+        stop.set()
     return stop
+
+
+def stop_check(stop: threading.Event, run_dir: Path):
+    """What training asks at every step: a stop signal, or an abort request on disk (JobManager.abort)."""
+    said: list[bool] = []
+
+    def should_stop() -> bool:
+        if stop.is_set():
+            return True
+        if RunDir(run_dir).abort_request.exists():
+            if not said:
+                said.append(True)
+                LOG.info("[info] Abort request found: saving a checkpoint and stopping")
+            stop.set()
+            return True
+        return False
+
+    return should_stop
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from studio.training.loop import run_training
 
-            result = run_training(config, run_dir, sink, stop.is_set, resume_from=run.resume_from, home=home)
+            should_stop = stop_check(stop, run_dir)
+            result = run_training(config, run_dir, sink, should_stop, resume_from=run.resume_from, home=home)
             record_result(store, home, run_id, result, sink)
     except BaseException as err:  # noqa: BLE001 - every failure must reach the store, not leave "running"
         report_failure(store, run_id, run_dir, err)
@@ -420,7 +440,8 @@ def rank_main(run_dir: Path, home: Path, rank: RankInfo) -> int:
         from studio.training.loop import run_training
 
         config = RunConfig.load(RunDir(run_dir).config)
-        result = run_training(config, run_dir, sink, stop.is_set, resume_from=resume_from, home=home)
+        should_stop = stop.is_set if joined else stop_check(stop, run_dir)
+        result = run_training(config, run_dir, sink, should_stop, resume_from=resume_from, home=home)
         if store is not None and rank.main:
             record_result(store, home, run_id, result, sink)
     except BaseException as err:  # noqa: BLE001 - the first failure reaches the store for every process

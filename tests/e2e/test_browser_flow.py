@@ -9,11 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
+from playwright.sync_api import expect
 
 from bench.common import choose
 from studio.core.store import Store
 from studio.core.workspace import db_path
-from tests.e2e.conftest import ARTIFACTS, REPO, plot_points
+from tests.e2e.conftest import ARTIFACTS, REPO, plot_points, wait_plot_points
 
 pytestmark = pytest.mark.e2e
 
@@ -21,8 +23,10 @@ QUESTION = "What is the mascot of LoRA Studio?"
 
 
 def open_tab(page, label: str) -> None:
-    page.get_by_role("tab", name=label).click()
-    page.wait_for_timeout(500)
+    """Click a tab and wait until it is the selected one (its panel is then shown)."""
+    tab = page.get_by_role("tab", name=label)
+    tab.click()
+    expect(tab).to_have_attribute("aria-selected", "true")
 
 
 def set_number(page, elem_id: str, value: int) -> None:
@@ -36,14 +40,18 @@ def text_of(page, elem_id: str) -> str:
 
 
 def wait_text(page, elem_id: str, needle: str, timeout: float = 120.0) -> str:
-    deadline = time.monotonic() + timeout
-    text = ""
-    while time.monotonic() < deadline:
-        text = text_of(page, elem_id)
-        if needle in text:
-            return text
-        page.wait_for_timeout(250)
-    raise AssertionError(f"#{elem_id} never showed {needle!r}; last text: {text[:500]!r}")
+    """Until the element's text contains needle (checked in the page every 250 ms); its text."""
+    try:
+        page.wait_for_function(
+            "([id, n]) => { const el = document.getElementById(id); return !!el && el.innerText.includes(n) }",
+            arg=[elem_id, needle],
+            timeout=timeout * 1000,
+            polling=250,
+        )
+    except PlaywrightTimeout:
+        text = text_of(page, elem_id) if page.locator(f"#{elem_id}").count() else "(no such element)"
+        raise AssertionError(f"#{elem_id} never showed {needle!r}; last text: {text[:500]!r}") from None
+    return text_of(page, elem_id)
 
 
 def send(page, text: str) -> None:
@@ -55,6 +63,25 @@ def send(page, text: str) -> None:
         if box.input_value() == text:
             break
     page.locator("#chat-send").click()
+
+
+def wait_replies_settled(page, ids: list[str], quiet_s: float = 2.0, timeout_s: float = 120.0) -> None:
+    """Until the last bot message of each chatbot is non-empty and has not changed for quiet_s: the streams
+    have finished (a reply may pause between tokens, so one unchanged reading is not enough)."""
+    page.wait_for_function(
+        """([ids, quietMs]) => {
+            const texts = ids.map(id => {
+                const msgs = document.querySelectorAll(`#${id} [data-testid=bot]`);
+                return msgs.length ? msgs[msgs.length - 1].innerText : "";
+            });
+            const key = JSON.stringify(texts), now = Date.now();
+            if (window.__repliesKey !== key) { window.__repliesKey = key; window.__repliesSince = now; }
+            return texts.every(t => t.trim().length > 0) && now - window.__repliesSince >= quietMs;
+        }""",
+        arg=[ids, quiet_s * 1000],
+        timeout=timeout_s * 1000,
+        polling=100,
+    )
 
 
 def shot(page, name: str) -> None:
@@ -100,7 +127,7 @@ def _flow(server, page) -> None:
     assert "completed" in status, status
     seen = sorted(set(c for c in counts if c))
     assert len(seen) >= 3, f"the loss chart should gain points while the run goes, saw counts {seen}"
-    page.wait_for_timeout(1500)
+    wait_plot_points(page, "loss-plot", 8, timeout_s=30)  # the last tick's figure may land after the status
     assert plot_points(page, "loss-plot") == 8
     assert "8/8" in text_of(page, "train-progress") or "8/8" in status
     shot(page, "2-train")
@@ -141,7 +168,7 @@ def _flow(server, page) -> None:
         })""",
         timeout=120_000,
     )
-    page.wait_for_timeout(3000)  # let both streams finish
+    wait_replies_settled(page, ["chatbot", "chatbot-base"])
     adapter_answer = page.locator("#chatbot [data-testid=bot]").last.inner_text()
     base_answer = page.locator("#chatbot-base [data-testid=bot]").last.inner_text()
     assert adapter_answer.strip() and base_answer.strip() and adapter_answer != base_answer

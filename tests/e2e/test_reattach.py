@@ -5,12 +5,13 @@ is seen by the other, and the worker is never the web server's process."""
 from __future__ import annotations
 
 import pytest
+from playwright.sync_api import expect
 
 from studio.core.config import RunConfig
 from studio.core.store import RunStatus
 from studio.runs.queue import JobManager
 from tests.e2e.conftest import plot_points, wait_plot_points
-from tests.e2e.test_browser_flow import shot, text_of, wait_text
+from tests.e2e.test_browser_flow import shot, wait_text
 
 pytestmark = pytest.mark.e2e
 
@@ -44,13 +45,9 @@ def test_pages_see_a_cli_run_reload_reattaches_and_abort_reaches_all(server, bro
             wait_text(page, "train-status", run.id, timeout=60)
             wait_text(page, "train-status", "running", timeout=60)
         first, second = pages
-        page_points = 0
-        for _ in range(60):
-            page_points = plot_points(first, "loss-plot")
-            if page_points >= 2:
-                break
-            first.wait_for_timeout(500)
-        assert page_points >= 2, "the watched run's loss curve is drawn from the store"
+        # The watched run's loss curve is drawn from the store.
+        wait_plot_points(first, "loss-plot", 2, timeout_s=60)
+        page_points = plot_points(first, "loss-plot")
 
         first.reload()
         first.get_by_role("tab", name="Train").click()
@@ -59,10 +56,13 @@ def test_pages_see_a_cli_run_reload_reattaches_and_abort_reaches_all(server, bro
         shot(first, "7-reattached")
 
         first.locator("#train-abort").click()
-        wait_text(second, "train-status", "aborted", timeout=120)  # the other page sees it too
-        assert "aborted" in text_of(first, "train-status") or wait_text(first, "train-status", "aborted")
-        done = jobs.store.get_run(run.id)
-        assert done.status == RunStatus.ABORTED and done.pid is None
+        # Each step of the abort's way is waited for, so a failure says which one did not happen: the page's
+        # handler answered, the worker stopped and the store says so, then the other page's timer shows it.
+        expect(first.locator("#train-message")).to_contain_text("Abort requested", timeout=60_000)
+        done = jobs.wait(run.id, timeout=120)
+        assert done.status == RunStatus.ABORTED and done.pid is None, (done.status, done.step, jobs.log_tail(run.id))
+        wait_text(second, "train-status", "aborted", timeout=60)  # the other page sees it too
+        wait_text(first, "train-status", "aborted", timeout=60)
 
         second.get_by_role("tab", name="Runs").click()
         wait_text(second, "runs-table", "from-the-cli", timeout=30)

@@ -6,6 +6,7 @@ warning while a run trains, and the divergence stop after a run blew up."""
 from __future__ import annotations
 
 import pytest
+from playwright.sync_api import expect
 
 from studio.core.config import RunConfig
 from studio.core.store import RunStatus
@@ -87,15 +88,11 @@ def test_sweep_button_reports_bad_values_and_queues_nothing(server, page):
     open_tab(page, "Train")
     page.get_by_text("Sweep: scan a parameter").first.click()  # the accordion starts closed
     values = page.locator("#sweep-values textarea, #sweep-values input").first
-    values.wait_for(state="visible")
     # An accordion that has just opened can still render its default ("8,16,32,64") over a fast fill,
-    # which would queue a real four-run sweep: type until the box holds the one value.
-    for _ in range(20):
-        values.fill("8")
-        page.wait_for_timeout(250)
-        if values.input_value() == "8":
-            break
-    assert values.input_value() == "8"
+    # which would queue a real four-run sweep: wait for the default to be there, then replace it.
+    expect(values).to_have_value("8,16,32,64")
+    values.fill("8")
+    expect(values).to_have_value("8")
     values.press("Tab")  # commit the value to the server-side component before the click reads it
     page.locator("#sweep-start").click()
     text = wait_text(page, "train-message", "lora.r", timeout=30)

@@ -51,6 +51,21 @@ def test_sigterm_saves_a_checkpoint_and_aborts(jobs, tiny_model_dir):
     assert not (jobs.run_dir(run.id) / "adapter").exists()  # only a completed run has a final adapter
 
 
+def test_an_abort_request_on_disk_stops_the_run_without_a_signal(jobs, tiny_model_dir):
+    """JobManager.abort writes the request before it signals: a worker that missed the SIGTERM still stops,
+    and resume clears the request so the resumed run trains on."""
+    run = jobs.submit(tiny_config(tiny_model_dir, max_steps=5000))
+    wait_for(lambda: jobs.store.get_run(run.id).step >= 3)
+    RunDir(jobs.run_dir(run.id)).abort_request.write_text("test\n")  # no signal sent
+    done = jobs.wait(run.id, timeout=120)
+    assert done.status == RunStatus.ABORTED, done.error
+    resumed = jobs.resume(run.id)
+    assert not RunDir(jobs.run_dir(run.id)).abort_request.exists()
+    wait_for(lambda: jobs.store.get_run(run.id).step > done.step + 2)
+    jobs.abort(resumed.id)
+    assert jobs.wait(run.id, timeout=120).status == RunStatus.ABORTED
+
+
 def test_sigkill_is_marked_interrupted_and_resume_continues_the_curve(jobs, home, tiny_model_dir):
     run = jobs.submit(tiny_config(tiny_model_dir, max_steps=60))
     wait_for(
