@@ -6,14 +6,13 @@ from __future__ import annotations
 import functools
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import yaml
 
 from studio.core.config import RunConfig, merge_dicts
 from studio.core.errors import StudioError
-from studio.core.problems import Problem
 
 
 class UsageError(StudioError):
@@ -37,11 +36,6 @@ def exits_cleanly(command: Callable[..., int]) -> Callable[..., int]:
             return _fail(err.one_line(), err.exit_code)
 
     return run
-
-
-def _one_line(problems: Iterable[Problem | str]) -> str:
-    """Every problem's sentence, on one line."""
-    return "; ".join(map(str, problems))
 
 
 def _parse_set(pairs: list[str]) -> dict:

@@ -8,7 +8,6 @@ is the one vocabulary of how bad a finding is; each kind of finding uses the sub
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 try:
@@ -50,11 +49,6 @@ class Problems(list):
 def as_problem(item: Problem | str) -> Problem:
     """A Problem as is; a bare sentence (a preset file's, an older caller's) as a problem about no field."""
     return item if isinstance(item, Problem) else Problem("", str(item))
-
-
-def problem_lines(problems: Iterable[Problem | str]) -> list[str]:
-    """The sentences the user sees, in order."""
-    return [str(p) for p in problems]
 
 
 class Severity(StrEnum):

@@ -77,14 +77,6 @@ class Workspace:
     def datasets(self) -> Path:
         return datasets_dir(self.home)
 
-    @property
-    def model_cache(self) -> Path:
-        return models_cache_dir(self.home)
-
-    @property
-    def min_free_bytes(self) -> int:
-        return int(self.min_free_mb * 2**20)
-
     def run(self, run_id: str) -> RunDir:
         return RunDir(self.runs / run_id)
 

@@ -35,10 +35,6 @@ _BINARY_KINDS = (
 _SNIFF_BYTES = 8192
 
 
-def supported_extensions() -> list[str]:
-    return list(SUPPORTED_EXTENSIONS)
-
-
 def read_rows(path: Path) -> list[dict]:
     """All rows of a .json / .jsonl / .csv / .parquet file, as dicts with the union of all columns."""
     path = Path(path)
