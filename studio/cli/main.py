@@ -275,7 +275,8 @@ def cmd_join(args: argparse.Namespace) -> int:
     from studio.core.workspace import ensure_home
     from studio.runs.worker import join
 
-    return join(load_run_config(args.config, args.set), ensure_home(), args.machine_rank, announce=print)
+    home = ensure_home(Workspace.from_env().home)
+    return join(load_run_config(args.config, args.set), home, args.machine_rank, announce=print)
 
 
 def build_parser() -> argparse.ArgumentParser:

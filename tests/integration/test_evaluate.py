@@ -50,7 +50,7 @@ def env_home(trained, monkeypatch):
 def test_validation_split_adapter_beats_base_and_the_report_is_saved(trained, env_home):
     run = trained["run"]
     said: list[str] = []
-    report = E.evaluate_run(E.EvalSpec(run.id, gen_samples=4, max_new_tokens=32), progress=said.append)
+    report = E.evaluate_run(E.EvalSpec(run.id, gen_samples=4, max_new_tokens=32), env_home, progress=said.append)
     assert any(m.startswith("Loading run") for m in said) and any(m.startswith("Report saved to") for m in said)
 
     run_json = json.loads((Path(run.adapter_dir) / "run.json").read_text())
