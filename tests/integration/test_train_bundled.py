@@ -30,7 +30,7 @@ def trained(tmp_path_factory):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1800,  # ~300 s on an idle 2-core machine today (140 s on an earlier one): room for load
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     store = Store(home / "studio.db")
