@@ -7,6 +7,7 @@ Processes and memory are read through psutil (portable, and it knows a zombie fr
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import queue
 import resource
@@ -36,6 +37,20 @@ def python_env(home: os.PathLike | str, base: Mapping[str, str] | None = None, *
     return env
 
 
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Linux: this process gets `sig` when its parent dies, so a launcher killed hard leaves no rank behind
+    (torchrun puts each rank in a session of its own, out of reach of a process-group kill)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except OSError:
+        return
+    if os.getppid() == 1:  # the parent died before the call
+        os.kill(os.getpid(), sig)
+
+
 def python_command(module: str, *args: str) -> list[str]:
     """`python -m MODULE ARGS...` with this interpreter."""
     return [sys.executable, "-m", module, *args]
@@ -43,13 +58,16 @@ def python_command(module: str, *args: str) -> list[str]:
 
 def spawn(cmd: Sequence[str], env: Mapping[str, str], *, stdin: Any = subprocess.DEVNULL, stdout: Any = None,
           stderr: Any = None, text: bool = True, cwd: str | None = None, own_session: bool = True,
+          end_with_parent: signal.Signals | None = None,
           ) -> subprocess.Popen:  # fmt: skip
     """Start cmd (never through a shell) in a session of its own: a Ctrl-C in the server's terminal does
     not reach it, and its process group is its pid, so `end` can end the child and everything it started.
-    `own_session=False` keeps it in the parent's group, for a helper that must end with its parent."""
+    `own_session=False` keeps it in the parent's group, for a helper that must end with its parent;
+    `end_with_parent` sends the child that signal when this process dies, even killed hard (Linux)."""
+    preexec = None if end_with_parent is None else (lambda: die_with_parent(end_with_parent))
     return subprocess.Popen(
         list(cmd), stdin=stdin, stdout=stdout, stderr=stderr, text=text, env=dict(env), cwd=cwd,
-        start_new_session=own_session,
+        start_new_session=own_session, preexec_fn=preexec,
     )  # fmt: skip
 
 

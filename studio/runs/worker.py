@@ -33,6 +33,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from studio.core import procs
 from studio.core.allocator import choose_allocator, loaded_allocator
 from studio.core.config import ConfigError, RunConfig, parse_gpu_ids
 from studio.core.problems import Problem, Severity
@@ -44,7 +45,6 @@ from studio.runs.queue import SPAWNED_ENV, JobManager
 from studio.training.launch import (
     ASSIGNED_ENV,
     RankInfo,
-    die_with_parent,
     launch_command,
     rank_info,
     typed_line,
@@ -365,15 +365,9 @@ def launch_and_wait(
         store.transition(run_id, RunStatus.ABORTED, error="Aborted before the processes started.")
         return 0
     env = dict(os.environ, **{LAUNCHED_ENV: "1"})
-    launcher.append(
-        subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            # Killed hard, this worker takes the launcher with it; the launcher then ends its processes.
-            preexec_fn=lambda: die_with_parent(signal.SIGTERM),
-        )
-    )
+    # In this worker's process group (an abort reaches it); killed hard, this worker takes the launcher with
+    # it, and the launcher then ends its processes.
+    launcher.append(procs.spawn(cmd, env, own_session=False, end_with_parent=signal.SIGTERM))
     code = launcher[0].wait()
     if store.get_run(run_id).status == RunStatus.RUNNING:
         message = (
@@ -410,7 +404,7 @@ def join(config: RunConfig, home: Path, machine_rank: int, announce: Callable[[s
     cmd = launch_command(config, run_dir, config.distribution.device_ids())
     announce(f"Joining as machine {machine_rank} of {config.distribution.num_machines}:\n  {typed_line(cmd)}")
     env = dict(os.environ, STUDIO_HOME=str(home), **{LAUNCHED_ENV: "1", JOIN_ENV: "1"})
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env)
+    proc = procs.spawn(cmd, env, own_session=False)  # a Ctrl-C in this terminal reaches the launcher too
     try:
         return proc.wait()
     except KeyboardInterrupt:
@@ -421,7 +415,7 @@ def join(config: RunConfig, home: Path, machine_rank: int, announce: Callable[[s
 def rank_main(run_dir: Path, home: Path, rank: RankInfo) -> int:
     """One process of a launched run: train this process's shard. Rank 0 reports the outcome; any process
     that fails marks the run failed (its peers then stop at their next collective)."""
-    die_with_parent()  # the launcher gone, nothing is left to gather this process's gradients
+    procs.die_with_parent()  # the launcher gone, nothing is left to gather this process's gradients
     run_id = run_dir.name
     joined = os.environ.get(JOIN_ENV) == "1"
     store = None if joined else Store(db_path(home))

@@ -8,12 +8,10 @@ box build the same line.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
 import shlex
-import signal
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -172,20 +170,6 @@ def any_rank(flag: bool, device: Any) -> bool:
     slightly different moments) must end every process at the same step, or the others wait forever in the
     next gradient all-reduce."""
     return bool(reduce_over_ranks([int(flag)], "max", device)[0])
-
-
-def die_with_parent(sig: int = signal.SIGKILL) -> None:
-    """Linux: this process gets `sig` when its parent dies, so a launcher killed hard leaves no rank behind
-    (torchrun puts each rank in a session of its own, out of reach of a process-group kill)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
-    except OSError:
-        return
-    if os.getppid() == 1:  # the parent died before the call
-        os.kill(os.getpid(), sig)
 
 
 # -- what each process did ------------------------------------------------------------------------

@@ -261,7 +261,7 @@ def test_descendants_are_found(tmp_path):
 def test_a_process_that_dies_with_its_parent_is_gone_when_the_parent_is_killed(tmp_path):
     pid_file = tmp_path / "child.pid"
     child = (
-        "import os, time; from studio.training.launch import die_with_parent; die_with_parent(); "
+        "import os, time; from studio.core.procs import die_with_parent; die_with_parent(); "
         f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
     )
     parent_code = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(120)"
