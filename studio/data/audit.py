@@ -51,6 +51,7 @@ KINDS = (
     "language_outlier",
     "missing_eos",
     "leakage",
+    "length_bias",  # preference pairs whose chosen answer is nearly always the longer
 )
 SEVERITIES = (Severity.INFO, Severity.WARNING)
 FIXES = ("drop", "dedupe")
