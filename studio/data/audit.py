@@ -25,7 +25,7 @@ import re
 import statistics
 import tempfile
 import unicodedata
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -38,7 +38,8 @@ import numpy as np
 from studio.core.problems import Severity
 from studio.data.clean import CleanOptions
 from studio.data.errors import DataError
-from studio.data.formats import Example
+from studio.data.formats import Example, Message
+from studio.data.preference import PreferencePair
 from studio.data.registry import DatasetEntry, DatasetRegistry, validate_dataset_name
 from studio.data.split import split_indices
 from studio.data.tokenize import IGNORE_INDEX, Sample, build_sample
@@ -66,6 +67,8 @@ NEAR_EMPTY_WORDS = 3  # a short answer is "near-empty" only if it is also this f
 MIN_ROWS_FOR_STATS = 8  # fewer rows say nothing about what is typical
 SCRIPT_MAJORITY = 0.9  # a dataset is single-script when this share of its rows is in one script
 ESTIMATE_MARGIN = 0.25  # pairs whose MinHash estimate is this far below the threshold are not verified exactly
+LENGTH_BIAS_SHARE = 0.8  # above this share of longer chosen answers, DPO may learn "longer is better"
+MIN_PAIRS_FOR_BIAS = 10  # fewer pairs say nothing about a bias
 EXCERPT_CHARS = 60
 FULL_LENGTH = 10**9  # cutoff used to tokenize a row whole; the real cutoff is applied afterwards
 
@@ -926,3 +929,79 @@ def row_numbers(rows: tuple[int, ...], limit: int = 12) -> str:
     """1-based row numbers as a person counts them (and as the Datasets tab's preview shows them)."""
     shown = ", ".join(str(r + 1) for r in rows[:limit])
     return shown + (f" … (+{len(rows) - limit} more)" if len(rows) > limit else "")
+
+
+# -- preference pairs: what the doctor adds ---------------------------------------------------
+
+
+def pair_prompt_key(prompt: tuple[Message, ...]) -> str:
+    """A pair's prompt, normalised: the same question asked the same way."""
+    return "\n".join(f"{m.role}: {normalize(m.content)}" for m in prompt)
+
+
+def identical_pairs(pairs: list[PreferencePair]) -> list[DoctorFinding]:
+    """The same prompt, chosen and rejected more than once: weighs that pair more than the others."""
+    groups: dict[tuple[str, str, str], list[int]] = defaultdict(list)
+    for i, p in enumerate(pairs):
+        groups[(pair_prompt_key(p.prompt), normalize(p.chosen), normalize(p.rejected))].append(i)
+    return [
+        DoctorFinding(
+            "exact_duplicate",
+            Severity.WARNING,
+            tuple(rows),
+            f"{len(rows)} identical pairs for “{excerpt(pairs[rows[0]].prompt[-1].content)}”",
+            "dedupe",
+            "Keep one: repeated pairs weigh more than the others and are memorised.",
+        )
+        for rows in groups.values()
+        if len(rows) > 1
+    ]
+
+
+def contradicting_pairs(pairs: list[PreferencePair]) -> list[DoctorFinding]:
+    """The same prompt with the two answers preferred both ways: the pairs cancel out (label noise)."""
+    seen: dict[tuple[str, str, str], int] = {}
+    findings = []
+    for i, p in enumerate(pairs):
+        key, chosen, rejected = pair_prompt_key(p.prompt), normalize(p.chosen), normalize(p.rejected)
+        j = seen.get((key, rejected, chosen))
+        if j is not None:
+            findings.append(
+                DoctorFinding(
+                    "conflicting_answers",
+                    Severity.WARNING,
+                    (j, i),
+                    f"the same two answers to “{excerpt(p.prompt[-1].content)}” are preferred both ways",
+                    None,
+                    "Decide which answer is better and drop the other row: opposite labels cancel out.",
+                )
+            )
+        seen.setdefault((key, chosen, rejected), i)
+    return findings
+
+
+def length_bias(pairs: list[PreferencePair]) -> list[DoctorFinding]:
+    """Share of pairs whose chosen answer is the longer: well above half, the model may learn that longer
+    is better instead of what makes the answer better (a known DPO failure: verbose answers)."""
+    if len(pairs) < MIN_PAIRS_FOR_BIAS:
+        return []
+    longer = [i for i, p in enumerate(pairs) if len(p.chosen) > len(p.rejected)]
+    share = len(longer) / len(pairs)
+    if share <= LENGTH_BIAS_SHARE:
+        return []
+    return [
+        DoctorFinding(
+            "length_bias",
+            Severity.WARNING,
+            tuple(longer),
+            f"the chosen answer is the longer one in {share:.0%} of the pairs (above {LENGTH_BIAS_SHARE:.0%})",
+            None,
+            "The model may learn that longer is better. Add pairs where the shorter answer wins, or use a "
+            "length-normalised loss (SimPO, or DPO with ipo).",
+        )
+    ]
+
+
+def preference_findings(pairs: list[PreferencePair]) -> list[DoctorFinding]:
+    """What the dataset doctor says about preference pairs beyond the row checks."""
+    return [*identical_pairs(pairs), *contradicting_pairs(pairs), *length_bias(pairs)]

@@ -62,6 +62,17 @@ def check_format(fmt: str) -> str:
     return fmt
 
 
+def check_column_names(column_map: Any) -> None:
+    """Every set entry of a column-map dataclass is a non-empty column name."""
+    for f in fields(column_map):
+        value = getattr(column_map, f.name)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise DataError(
+                f"Column map entry {f.name!r} must be a non-empty column name, got {value!r}. "
+                "Give the name of the column in your file, or leave it out to use the usual name."
+            )
+
+
 @dataclass(frozen=True)
 class ColumnMap:
     """Canonical field -> the name used in the file. None means "the format's usual name".
@@ -84,13 +95,7 @@ class ColumnMap:
     text: str | None = None
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is not None and (not isinstance(value, str) or not value.strip()):
-                raise DataError(
-                    f"Column map entry {f.name!r} must be a non-empty column name, got {value!r}. "
-                    "Give the name of the column in your file, or leave it out to use the usual name."
-                )
+        check_column_names(self)
 
     def name(self, field: str, fmt: str) -> str:
         """The file's name for `field` under format `fmt`."""

@@ -9,14 +9,16 @@ from typing import TYPE_CHECKING, Any
 
 from studio.data.errors import DataError
 from studio.data.formats import ColumnMap
+from studio.data.preference import PreferenceColumns
 
 if TYPE_CHECKING:
     from studio.data.registry import DatasetRegistry
 
 # Entries that live on a hub or in the cloud: not reachable offline.
 HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
-# Columns for data we do not train on (tools, multimodal, preference / KTO).
-UNSUPPORTED_COLUMNS = ("tools", "images", "videos", "audios", "chosen", "rejected", "kto_tag")
+# Columns for data we do not train on yet (tools, multimodal).
+UNSUPPORTED_COLUMNS = ("tools", "images", "videos", "audios")
+PREFERENCE_KEYS = ("chosen", "rejected", "kto_tag")  # LLaMA-Factory's columns of ranking and KTO entries
 ALPACA_COLUMNS = {
     "prompt": "instruction",
     "query": "input",
@@ -55,8 +57,9 @@ class ImportReport:
         return "; ".join(parts) + "."
 
 
-def map_entry(spec: dict[str, Any]) -> tuple[str, ColumnMap]:
-    """(format, column map) for one dataset_info entry; DataError with the reason if we cannot use it."""
+def map_entry(spec: dict[str, Any]) -> tuple[str, ColumnMap | PreferenceColumns]:
+    """(format, column map) for one dataset_info entry; DataError with the reason if we cannot use it.
+    Ranking entries map to 'preference', entries with a kto_tag column to 'kto'."""
     if not isinstance(spec, dict):
         raise DataError("the entry is not an object with 'file_name', 'formatting', 'columns'.")
     hub = [k for k in HUB_KEYS if spec.get(k)]
@@ -64,10 +67,6 @@ def map_entry(spec: dict[str, Any]) -> tuple[str, ColumnMap]:
         raise DataError(
             f"it is fetched from a hub or the cloud ({hub[0]}), which is not reachable offline. "
             "Download the file and point 'file_name' at it."
-        )
-    if spec.get("ranking"):
-        raise DataError(
-            "it is a ranking / preference dataset (ranking: true); only supervised fine-tuning data is supported."
         )
     formatting = spec.get("formatting", "alpaca")
     if formatting not in ("alpaca", "sharegpt"):
@@ -79,16 +78,17 @@ def map_entry(spec: dict[str, Any]) -> tuple[str, ColumnMap]:
     unsupported = [c for c in UNSUPPORTED_COLUMNS if columns.get(c)]
     if unsupported:
         raise DataError(
-            f"it uses the column(s) {', '.join(unsupported)}, which are not supported "
-            "(tool calls, images/audio/video and preference data)."
+            f"it uses the column(s) {', '.join(unsupported)}, which are not supported (tool calls, images/audio/video)."
         )
     known = ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_COLUMNS
-    unknown = sorted(set(columns) - set(known) - set(UNSUPPORTED_COLUMNS))
+    unknown = sorted(set(columns) - set(known) - set(UNSUPPORTED_COLUMNS) - set(PREFERENCE_KEYS))
     if unknown:
         raise DataError(
             f"unknown column key(s) for {formatting}: {', '.join(unknown)}; expected some of {', '.join(known)}."
         )
 
+    if spec.get("ranking") or columns.get("kto_tag"):
+        return _preference_entry(spec, formatting, columns, tags)
     if formatting == "alpaca":
         if set(columns) == {"prompt"}:  # LLaMA-Factory's pre-training entries: one text column
             return "text", ColumnMap(text=columns["prompt"])
@@ -104,6 +104,32 @@ def map_entry(spec: dict[str, Any]) -> tuple[str, ColumnMap]:
         system=system,
         **{k: resolved[k] for k in TAGS if resolved[k] != SHAREGPT_DEFAULTS[k]},
     )
+
+
+def _preference_entry(
+    spec: dict[str, Any], formatting: str, columns: dict[str, str], tags: dict[str, str]
+) -> tuple[str, PreferenceColumns]:
+    """A ranking entry ('preference': chosen and rejected) or a KTO one ('kto': a kto_tag column)."""
+    fmt = "preference" if spec.get("ranking") else "kto"
+    odd = {k: v for k, v in tags.items() if k in TAGS and v not in (SHAREGPT_DEFAULTS[k], OPENAI_TAGS[k])}
+    if odd:
+        shown = ", ".join(f"{k}={v!r}" for k, v in odd.items())
+        raise DataError(
+            f"its tags ({shown}) are not the usual sharegpt or openai names, which preference data needs; "
+            "rename them in the file (from/value with human/gpt, or role/content with user/assistant)."
+        )
+    names = {"chosen": "chosen", "rejected": "rejected", "kto_tag": "label", "system": "system"}
+    names.update(ALPACA_COLUMNS if formatting == "alpaca" else {"messages": "messages"})
+    if fmt == "preference" and columns.get("response"):
+        raise DataError("a ranking entry has no 'response' column: its answers are 'chosen' and 'rejected'.")
+    names["response"] = "completion"  # an alpaca KTO entry: the judged answer
+    mapped = {names[k]: v for k, v in columns.items() if v and k in names}
+    if fmt == "kto" and formatting == "alpaca":
+        mapped.setdefault("completion", "output")  # LLaMA-Factory's usual name for the answer
+    usual = {"messages": "conversations", "label": "kto_tag"}
+    # a column already under its usual name needs no entry (the parser reads kto_tag and conversations too)
+    mapped = {k: v for k, v in mapped.items() if v not in (k, usual.get(k))}
+    return fmt, PreferenceColumns(**mapped)
 
 
 def read_dataset_info(info_path: Path) -> dict[str, Any]:

@@ -17,21 +17,63 @@ Message items are {"role", "content"} or {"from", "value"}; roles user/human, as
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from studio.core.problems import Severity
-from studio.data.audit import DoctorFinding, excerpt, normalize
-from studio.data.errors import RowError, RowIssue
-from studio.data.formats import Message
+from studio.data.errors import DataError, RowError, RowIssue
+from studio.data.formats import Message, check_column_names
+from studio.data.validate import ValidationReport
 
 PREFERENCE_FORMATS = ("preference", "kto")
-LENGTH_BIAS_SHARE = 0.8  # above this share of longer chosen answers, DPO may learn "longer is better"
-MIN_PAIRS_FOR_BIAS = 10  # fewer pairs say nothing about a bias
 _ROLE_NAMES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
 _MESSAGE_KEYS = (("role", "content"), ("from", "value"))
 _TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
+
+
+@dataclass(frozen=True)
+class PreferenceColumns:
+    """The file's column for each field a preference row reads, where it is not the usual name (the column
+    map of a preference dataset; LLaMA-Factory's `columns`). `label` also reads `kto_tag`, `messages`
+    also reads `conversations`."""
+
+    prompt: str | None = None
+    chosen: str | None = None
+    rejected: str | None = None
+    completion: str | None = None
+    label: str | None = None
+    instruction: str | None = None
+    input: str | None = None
+    system: str | None = None
+    history: str | None = None
+    messages: str | None = None
+
+    def __post_init__(self) -> None:
+        check_column_names(self)
+
+    def to_dict(self) -> dict[str, str]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> PreferenceColumns:
+        data = dict(data or {})
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise DataError(
+                f"Unknown column map keys for preference data: {', '.join(unknown)}. Allowed: {', '.join(known)}."
+            )
+        return cls(**data)
+
+    def apply(self, row: dict) -> dict:
+        """The row under the usual names: each mapped column renamed to its field."""
+        mapped = self.to_dict()
+        if not mapped:
+            return row
+        out = {k: v for k, v in row.items() if k not in mapped.values()}
+        out.update({name: row.get(col) for name, col in mapped.items()})
+        return out
 
 
 @dataclass(frozen=True)
@@ -94,7 +136,7 @@ def row_to_pair(row: dict) -> PreferencePair:
     else:
         prompt = _prompt_of(row)
         chosen_text, rejected_text = _answer(chosen, "chosen"), _answer(rejected, "rejected")
-    if normalize(chosen_text) == normalize(rejected_text):
+    if _flat(chosen_text) == _flat(rejected_text):
         raise RowError(
             "'chosen' and 'rejected' are the same answer: the pair teaches nothing. Write a worse rejected "
             "answer, or delete the row."
@@ -239,6 +281,10 @@ def _answer(value: Any, side: str) -> str:
     return _text(value, side)
 
 
+def _flat(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
 def _system(row: dict) -> tuple[Message, ...]:
     system = _optional_text(row, "system")
     return (Message("system", system),) if system.strip() else ()
@@ -262,41 +308,31 @@ def _text(value: Any, col: str, allow_empty: bool = False) -> str:
 # ---------------------------------------------------------------- the whole file
 
 
-@dataclass
-class PreferenceReport:
-    """Every row of a preference file checked: the usable items with their row numbers, and every issue."""
-
-    items: list[PreferencePair | LabeledCompletion] = field(default_factory=list)
-    kept_rows: list[int] = field(default_factory=list)  # 1-based, as a user counts records
-    issues: list[RowIssue] = field(default_factory=list)
-    total_rows: int = 0
-
-    @property
-    def fatal(self) -> bool:
-        return any(i.severity == Severity.ERROR for i in self.issues)
-
-
-def validate_preference_rows(rows: list[dict], fmt: str, skip_invalid: bool = False) -> PreferenceReport:
+def validate_preference_rows(
+    rows: list[dict], fmt: str, columns: PreferenceColumns | None = None, skip_invalid: bool = False
+) -> ValidationReport:
     """Check every row as `fmt` ('preference' or 'kto'); bad rows are skipped (warnings) if skip_invalid.
-    KTO data needs both labels: with one class there is nothing to contrast."""
+    The report's examples are PreferencePair / LabeledCompletion items. KTO data needs both labels: with one
+    class there is nothing to contrast."""
     if fmt not in PREFERENCE_FORMATS:
         raise ValueError(f"not a preference format: {fmt!r}")
     parse = row_to_pair if fmt == "preference" else row_to_labeled
-    report = PreferenceReport(total_rows=len(rows))
+    columns = columns or PreferenceColumns()
+    report = ValidationReport(examples=[], kept_rows=[], total_rows=len(rows))
     if not rows:
         report.issues.append(RowIssue(0, "the file has no rows. Add at least one row."))
         return report
     severity = Severity.WARNING if skip_invalid else Severity.ERROR
     for number, row in enumerate(rows, start=1):
         try:
-            item = parse(row)
+            item = parse(columns.apply(row))
         except RowError as err:
             report.issues.append(RowIssue(number, str(err), severity))
             continue
-        report.items.append(item)
+        report.examples.append(item)
         report.kept_rows.append(number)
-    if fmt == "kto" and report.items:
-        labels = Counter(item.desirable for item in report.items)  # type: ignore[union-attr]
+    if fmt == "kto" and report.examples:
+        labels = Counter(item.desirable for item in report.examples)
         if len(labels) == 1:
             only = "desirable (true)" if True in labels else "undesirable (false)"
             report.issues.append(
@@ -307,78 +343,3 @@ def validate_preference_rows(rows: list[dict], fmt: str, skip_invalid: bool = Fa
                 )
             )
     return report
-
-
-# ---------------------------------------------------------------- what the dataset doctor adds
-
-
-def prompt_key(prompt: tuple[Message, ...]) -> str:
-    return "\n".join(f"{m.role}: {normalize(m.content)}" for m in prompt)
-
-
-def identical_pairs(pairs: list[PreferencePair]) -> list[DoctorFinding]:
-    """The same prompt, chosen and rejected more than once: weighs that pair more than the others."""
-    groups: dict[tuple[str, str, str], list[int]] = defaultdict(list)
-    for i, p in enumerate(pairs):
-        groups[(prompt_key(p.prompt), normalize(p.chosen), normalize(p.rejected))].append(i)
-    return [
-        DoctorFinding(
-            "exact_duplicate",
-            Severity.WARNING,
-            tuple(rows),
-            f"{len(rows)} identical pairs for “{excerpt(pairs[rows[0]].prompt[-1].content)}”",
-            "dedupe",
-            "Keep one: repeated pairs weigh more than the others and are memorised.",
-        )
-        for rows in groups.values()
-        if len(rows) > 1
-    ]
-
-
-def contradicting_pairs(pairs: list[PreferencePair]) -> list[DoctorFinding]:
-    """The same prompt with the two answers preferred both ways: the pairs cancel out (label noise)."""
-    seen: dict[tuple[str, str, str], int] = {}
-    findings = []
-    for i, p in enumerate(pairs):
-        key, chosen, rejected = prompt_key(p.prompt), normalize(p.chosen), normalize(p.rejected)
-        j = seen.get((key, rejected, chosen))
-        if j is not None:
-            findings.append(
-                DoctorFinding(
-                    "conflicting_answers",
-                    Severity.WARNING,
-                    (j, i),
-                    f"the same two answers to “{excerpt(p.prompt[-1].content)}” are preferred both ways",
-                    None,
-                    "Decide which answer is better and drop the other row: opposite labels cancel out.",
-                )
-            )
-        seen.setdefault((key, chosen, rejected), i)
-    return findings
-
-
-def length_bias(pairs: list[PreferencePair]) -> list[DoctorFinding]:
-    """Share of pairs whose chosen answer is the longer: well above half, the model may learn that longer
-    is better instead of what makes the answer better (a known DPO failure: verbose answers)."""
-    if len(pairs) < MIN_PAIRS_FOR_BIAS:
-        return []
-    longer = [i for i, p in enumerate(pairs) if len(p.chosen) > len(p.rejected)]
-    share = len(longer) / len(pairs)
-    if share <= LENGTH_BIAS_SHARE:
-        return []
-    return [
-        DoctorFinding(
-            "length_bias",
-            Severity.WARNING,
-            tuple(longer),
-            f"the chosen answer is the longer one in {share:.0%} of the pairs (above {LENGTH_BIAS_SHARE:.0%})",
-            None,
-            "The model may learn that longer is better. Add pairs where the shorter answer wins, or use a "
-            "length-normalised loss (SimPO, or DPO with ipo).",
-        )
-    ]
-
-
-def preference_findings(pairs: list[PreferencePair]) -> list[DoctorFinding]:
-    """What the dataset doctor says about preference pairs beyond the row checks."""
-    return [*identical_pairs(pairs), *contradicting_pairs(pairs), *length_bias(pairs)]

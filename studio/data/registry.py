@@ -22,7 +22,15 @@ from studio.data.clean import CleanOptions, CleanReport, clean_examples
 from studio.data.errors import DataError
 from studio.data.formats import ColumnMap, Example, check_format, detect_format, guess_column_map
 from studio.data.llamafactory import map_entry, read_dataset_info
-from studio.data.readers import SUPPORTED_EXTENSIONS, read_rows
+from studio.data.preference import (
+    PREFERENCE_FORMATS,
+    LabeledCompletion,
+    PreferenceColumns,
+    PreferencePair,
+    detect_preference_format,
+    validate_preference_rows,
+)
+from studio.data.readers import SUPPORTED_EXTENSIONS, file_columns, read_rows
 from studio.data.validate import ValidationReport, validate_rows
 
 ENTRY_FILE = "entry.json"
@@ -161,15 +169,50 @@ class DatasetRegistry:
     def load_examples(self, name: str, skip_invalid: bool = True) -> list[Example]:
         """The dataset's examples, validated and cleaned as at registration. Checks the file is unchanged."""
         entry = self.get(name)
-        path = self.path_of(entry)
-        if not path.is_file():
-            raise DataError(f"The file of dataset '{name}' is missing ({path}). Remove and register it again.")
-        if not entry.bundled and file_sha256(path) != entry.sha256:
+        path = self._checked_path(entry)
+        if entry.format in PREFERENCE_FORMATS:
             raise DataError(
-                f"The stored file of dataset '{name}' changed since it was registered (sha256 differs). "
-                "Remove the dataset and register the file again."
+                f"Dataset '{name}' holds {entry.format} data (answers judged better or worse), which supervised "
+                "fine-tuning cannot use. Pick it for a preference run (stage dpo, orpo or kto), or pick an "
+                "instruction or chat dataset for this one."
             )
         return self._examples(path, entry.format, entry.column_map, entry.clean, skip_invalid, name)[0]
+
+    def load_preference(self, name: str, skip_invalid: bool = True) -> list[PreferencePair | LabeledCompletion]:
+        """A preference dataset's pairs (format 'preference') or labelled answers ('kto'), checked as at
+        registration; DataError for an instruction or chat dataset."""
+        entry = self.get(name)
+        if entry.format not in PREFERENCE_FORMATS:
+            raise DataError(
+                f"Dataset '{name}' is {entry.format} data, with one answer per prompt: a preference run needs "
+                "pairs of a better and a worse answer (format preference) or answers labelled good or bad (kto). "
+                "Register such a file, or train this dataset with the sft stage."
+            )
+        path = self._checked_path(entry)
+        return self._preference_items(path, entry.format, entry.column_map, skip_invalid, name)
+
+    def _checked_path(self, entry: DatasetEntry) -> Path:
+        """The entry's file, refused if missing or changed since it was registered."""
+        path = self.path_of(entry)
+        if not path.is_file():
+            raise DataError(f"The file of dataset '{entry.name}' is missing ({path}). Remove and register it again.")
+        if not entry.bundled and file_sha256(path) != entry.sha256:
+            raise DataError(
+                f"The stored file of dataset '{entry.name}' changed since it was registered (sha256 differs). "
+                "Remove the dataset and register the file again."
+            )
+        return path
+
+    @staticmethod
+    def _preference_items(
+        path: Path, fmt: str, columns: dict, skip_invalid: bool, name: str
+    ) -> list[PreferencePair | LabeledCompletion]:
+        report = validate_preference_rows(
+            read_rows(path), fmt, PreferenceColumns.from_dict(columns), skip_invalid=skip_invalid
+        )
+        if report.fatal:
+            raise DataError(f"Dataset '{name}' has problems. {report.summary()}", report=report)
+        return report.examples
 
     # ------------------------------------------------------------ changes
 
@@ -202,15 +245,14 @@ class DatasetRegistry:
             )
         sha = file_sha256(source)
         rows = read_rows(source)
-        fmt = check_format(fmt) if fmt else detect_format(rows)
-        if column_map is None:
-            cmap = guess_column_map(rows, fmt)
-        else:
-            cmap = column_map if isinstance(column_map, ColumnMap) else ColumnMap.from_dict(column_map)
-        report = validate_rows(rows, fmt, cmap, skip_invalid=skip_invalid)
+        fmt = registered_format(rows, fmt)
+        cmap, report = _validated(rows, fmt, column_map, skip_invalid)
         if report.fatal:
             raise DataError(f"'{source.name}' cannot be registered as {fmt}. {report.summary()}", report=report)
-        examples, clean_report = clean_examples(report.examples, clean)
+        if fmt in PREFERENCE_FORMATS:  # no cleaning: stripping or deduplicating answers would change the pairs
+            examples, clean_report = report.examples, CleanReport(kept=len(report.examples))
+        else:
+            examples, clean_report = clean_examples(report.examples, clean)
 
         entry = DatasetEntry(
             name=name,
@@ -340,11 +382,14 @@ class DatasetRegistry:
             )
         return entries
 
-    def _bundled_facts(self, path: Path, fmt: str, cmap: ColumnMap) -> tuple[int, str]:
+    def _bundled_facts(self, path: Path, fmt: str, cmap: ColumnMap | PreferenceColumns) -> tuple[int, str]:
         stat = path.stat()
         key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
         if key not in _bundled_cache:
-            examples = self._examples(path, fmt, cmap.to_dict(), {}, True, path.name)[0]
+            if fmt in PREFERENCE_FORMATS:
+                examples = self._preference_items(path, fmt, cmap.to_dict(), True, path.name)
+            else:
+                examples = self._examples(path, fmt, cmap.to_dict(), {}, True, path.name)[0]
             _bundled_cache[key] = (len(examples), file_sha256(path))
         return _bundled_cache[key]
 
@@ -358,6 +403,28 @@ class DatasetRegistry:
             raise DataError(f"Dataset '{name}' has problems. {report.summary()}", report=report)
         examples, clean_report = clean_examples(report.examples, CleanOptions.from_dict(clean))
         return examples, report, clean_report
+
+
+def registered_format(rows: list[dict], fmt: str | None) -> str:
+    """The format to register rows as: the one asked for, else preference columns first (a ranking entry
+    also has sharegpt's 'conversations'), else the instruction and chat formats' detection."""
+    if fmt:
+        return fmt if fmt in PREFERENCE_FORMATS else check_format(fmt)
+    return detect_preference_format(file_columns(rows)) or detect_format(rows)
+
+
+def _validated(
+    rows: list[dict], fmt: str, column_map: ColumnMap | PreferenceColumns | dict | None, skip_invalid: bool
+) -> tuple[ColumnMap | PreferenceColumns, ValidationReport]:
+    """The column map and the validation report of rows as `fmt`."""
+    if fmt in PREFERENCE_FORMATS:
+        columns = column_map if isinstance(column_map, PreferenceColumns) else PreferenceColumns.from_dict(column_map)
+        return columns, validate_preference_rows(rows, fmt, columns, skip_invalid=skip_invalid)
+    if column_map is None:
+        cmap = guess_column_map(rows, fmt)
+    else:
+        cmap = column_map if isinstance(column_map, ColumnMap) else ColumnMap.from_dict(column_map)
+    return cmap, validate_rows(rows, fmt, cmap, skip_invalid=skip_invalid)
 
 
 def _rmdir_if_empty(path: Path) -> None:

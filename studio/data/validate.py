@@ -14,7 +14,7 @@ MAX_LISTED_ISSUES = 20
 
 @dataclass
 class ValidationReport:
-    examples: list[Example]
+    examples: list[Example]  # preference data: PreferencePair / LabeledCompletion items (data.preference)
     kept_rows: list[int]  # 1-based row number of each example, same order
     issues: list[RowIssue] = field(default_factory=list)
     total_rows: int = 0

@@ -66,6 +66,25 @@ def test_datasets_add_list_show_remove(home, tmp_path, capsys):
     assert main(["datasets", "remove", "qa"]) == 0
 
 
+def test_datasets_add_takes_preference_and_kto_files(home, tmp_path, capsys):
+    from studio.cli.main import DATASET_FORMATS
+    from studio.data import FORMATS, DatasetRegistry
+    from studio.data.preference import PREFERENCE_FORMATS
+
+    assert (*FORMATS, *PREFERENCE_FORMATS) == DATASET_FORMATS
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        '{"prompt": "a?", "chosen": "b", "rejected": "c"}\n{"prompt": "d?", "chosen": "e", "rejected": "f"}\n'
+    )
+    assert main(["datasets", "add", str(pairs), "--name", "prefs"]) == 0  # detected
+    assert "registered 'prefs': 2 rows, format preference" in capsys.readouterr().out
+    one_sided = tmp_path / "kto.jsonl"
+    one_sided.write_text('{"prompt": "a?", "completion": "b", "label": true}\n')
+    assert main(["datasets", "add", str(one_sided), "--name", "k", "--format", "kto"]) == 2
+    assert "every answer is labelled desirable (true)" in capsys.readouterr().err
+    assert [e.name for e in DatasetRegistry(home).list() if not e.bundled] == ["prefs"]  # nothing half-registered
+
+
 def test_console_script_help_runs():
     out = subprocess.run([sys.executable, "-m", "studio.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0

@@ -9,6 +9,7 @@ import pytest
 
 from studio.core.workspace import bundled_datasets_dir
 from studio.data import ColumnMap, DataError, DatasetRegistry, import_dataset_info, map_entry
+from studio.data.preference import PreferenceColumns
 
 OPENAI_TAGS = {
     "role_tag": "role",
@@ -52,6 +53,33 @@ def test_map_entry(spec, expected):
 
 
 @pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ({"file_name": "a.json", "ranking": True}, ("preference", PreferenceColumns())),
+        (
+            {"ranking": True, "columns": {"prompt": "q", "query": "ctx", "chosen": "good", "rejected": "bad"}},
+            ("preference", PreferenceColumns(instruction="q", input="ctx", chosen="good", rejected="bad")),
+        ),
+        (
+            {"formatting": "sharegpt", "ranking": True, "columns": {"messages": "conversations", "chosen": "chosen"}},
+            ("preference", PreferenceColumns()),
+        ),
+        (
+            {"formatting": "sharegpt", "columns": {"messages": "messages", "kto_tag": "label"}, "tags": OPENAI_TAGS},
+            ("kto", PreferenceColumns()),  # both are names the parser reads anyway
+        ),
+        ({"formatting": "sharegpt", "columns": {"kto_tag": "kto_tag"}}, ("kto", PreferenceColumns())),
+        (
+            {"columns": {"prompt": "q", "kto_tag": "ok"}},
+            ("kto", PreferenceColumns(instruction="q", label="ok", completion="output")),
+        ),
+    ],
+)
+def test_ranking_and_kto_entries_map_to_preference_formats(spec, expected):
+    assert map_entry(spec) == expected
+
+
+@pytest.mark.parametrize(
     ("spec", "reason"),
     [
         (
@@ -61,15 +89,17 @@ def test_map_entry(spec, expected):
         ({"ms_hub_url": "org/ds"}, "(ms_hub_url)"),
         ({"script_url": "x"}, "(script_url)"),
         ({"cloud_file_name": "s3://b/x.json"}, "(cloud_file_name)"),
-        ({"file_name": "a.json", "ranking": True}, "it is a ranking / preference dataset (ranking: true)"),
+        ({"file_name": "a.json", "ranking": True, "columns": {"response": "r"}}, "a ranking entry has no 'response'"),
+        (
+            {"formatting": "sharegpt", "ranking": True, "tags": {"role_tag": "speaker"}},
+            "its tags (role_tag='speaker') are not the usual sharegpt or openai names",
+        ),
         ({"formatting": "openai"}, "formatting 'openai' is not supported; use 'alpaca' or 'sharegpt'."),
         (
             {"formatting": "sharegpt", "columns": {"tools": "tools"}},
             "it uses the column(s) tools, which are not",
         ),
         ({"columns": {"prompt": "p", "images": "img"}}, "it uses the column(s) images"),
-        ({"columns": {"chosen": "c", "rejected": "r"}}, "it uses the column(s) chosen, rejected"),
-        ({"columns": {"kto_tag": "k"}}, "it uses the column(s) kto_tag"),
         (
             {"columns": {"prompt": "p", "answer": "a"}},
             "unknown column key(s) for alpaca: answer; expected some of",
@@ -127,7 +157,9 @@ def test_import_registers_usable_entries_and_explains_the_rest(tmp_path):
     reasons = dict(report.skipped)
     assert list(reasons) == ["hub", "prefs", "gone", "pics", "bad", "taken", "bad/name"]
     assert reasons["hub"].startswith("it is fetched from a hub or the cloud (hf_hub_url)")
-    assert reasons["prefs"].startswith("it is a ranking / preference dataset")
+    # a ranking entry is registered as preference data; this one's file has no pairs, and it says so
+    assert reasons["prefs"].startswith("'alpaca.jsonl' cannot be registered as preference.")
+    assert "row 1: 'chosen' is missing" in reasons["prefs"]
     assert reasons["gone"] == "its file 'gone.json' was not found next to dataset_info.json."
     assert reasons["pics"].startswith("it uses the column(s) images")
     assert reasons["bad"].startswith("'bad.jsonl' cannot be registered as alpaca. 2 rows read, 0 usable.")
@@ -163,3 +195,43 @@ def test_unreadable_info_file(tmp_path):
     (tmp_path / "dataset_info.json").write_text("[1, 2]")
     with pytest.raises(DataError, match="must hold a JSON object of dataset name -> entry"):
         import_dataset_info(registry, tmp_path / "dataset_info.json")
+
+
+def test_import_registers_ranking_and_kto_entries(tmp_path):
+    """LLaMA-Factory's dpo_en_demo / kto_en_demo shapes: a ranking sharegpt entry and a kto_tag one."""
+    data = tmp_path / "lf"
+    data.mkdir()
+    turn = [{"from": "human", "value": "What is the mascot?"}]
+    write(
+        data / "dpo.jsonl",
+        [
+            {
+                "conversations": turn,
+                "chosen": {"from": "gpt", "value": "Ripple."},
+                "rejected": {"from": "gpt", "value": "A cat."},
+            }
+        ],
+    )
+    write(
+        data / "kto.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}], "label": True},
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "bad"}], "label": False},
+        ],
+    )
+    info = {
+        "dpo_demo": {"file_name": "dpo.jsonl", "formatting": "sharegpt", "ranking": True,
+                     "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}},
+        "kto_demo": {"file_name": "kto.jsonl", "formatting": "sharegpt",
+                     "columns": {"messages": "messages", "kto_tag": "label"}, "tags": OPENAI_TAGS},
+    }  # fmt: skip
+    (data / "dataset_info.json").write_text(json.dumps(info))
+    registry = DatasetRegistry(tmp_path / "home", bundled_dir=tmp_path / "no-bundled")
+
+    report = import_dataset_info(registry, data / "dataset_info.json")
+
+    assert report.registered == ["dpo_demo", "kto_demo"], report.skipped
+    assert registry.get("dpo_demo").format == "preference" and registry.get("kto_demo").format == "kto"
+    (pair,) = registry.load_preference("dpo_demo")
+    assert (pair.chosen, pair.rejected) == ("Ripple.", "A cat.")
+    assert [item.desirable for item in registry.load_preference("kto_demo")] == [True, False]

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from studio.data.audit import contradicting_pairs, identical_pairs, length_bias
 from studio.data.errors import RowError
 from studio.data.formats import Message
 from studio.data.preference import (
     LabeledCompletion,
     PreferencePair,
-    contradicting_pairs,
     detect_preference_format,
-    identical_pairs,
-    length_bias,
     parse_label,
     row_to_labeled,
     row_to_pair,
@@ -162,7 +160,7 @@ def test_validation_lists_every_bad_row_and_keeps_numbers():
     report = validate_preference_rows(rows, "preference")
     assert report.fatal and [i.row for i in report.issues] == [2, 3] and report.kept_rows == [1, 4]
     skipped = validate_preference_rows(rows, "preference", skip_invalid=True)
-    assert not skipped.fatal and len(skipped.items) == 2
+    assert not skipped.fatal and len(skipped.examples) == 2
 
 
 def test_kto_with_one_label_class_is_refused():

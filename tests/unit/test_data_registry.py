@@ -287,3 +287,26 @@ def test_the_workspace_of_studio_home_keeps_its_datasets_there(tmp_path, monkeyp
 
     monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "ws"))
     assert DatasetRegistry(Workspace.from_env().home).root == (tmp_path / "ws" / "datasets").resolve()
+
+
+def test_preference_data_registers_with_a_column_map_and_refuses_the_wrong_stage(tmp_path):
+    from studio.data.preference import PreferencePair
+
+    src = tmp_path / "prefs.jsonl"
+    src.write_text('{"question": "a?", "good": "b", "bad": "c"}\n{"question": "d?", "good": "e", "bad": "f"}\n')
+    registry = DatasetRegistry(tmp_path / "home", bundled_dir=tmp_path / "none")
+    entry, report, _ = registry.add(
+        "prefs", src, fmt="preference", column_map={"prompt": "question", "chosen": "good", "rejected": "bad"}
+    )
+    assert entry.format == "preference" and entry.rows == 2 and not report.issues
+    assert registry.load_preference("prefs")[1] == PreferencePair((Message("user", "d?"),), "e", "f")
+    with pytest.raises(DataError, match="supervised fine-tuning cannot use"):
+        registry.load_examples("prefs")
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text('{"instruction": "q", "output": "a"}\n')
+    registry.add("plain", plain)
+    with pytest.raises(DataError, match="a preference run needs pairs"):
+        registry.load_preference("plain")
+    with pytest.raises(DataError, match="Unknown column map keys for preference data: answer"):
+        registry.add("other", src, fmt="preference", column_map={"answer": "good"})
+    assert [e.name for e in registry.list()] == ["plain", "prefs"]
