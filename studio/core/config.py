@@ -39,6 +39,11 @@ OPTIMIZERS = (
 BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 STRATEGIES = ("ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3")
 SHARDING = ("fsdp", "deepspeed-zero3")  # strategies that split the base weights themselves across processes
+# Training stages (studio.training.stages): supervised fine-tuning, and preference training on judged answers.
+STAGES = ("sft", "dpo", "kto", "orpo")
+PREFERENCE_STAGES = ("dpo", "kto", "orpo")
+# DPO's losses, as TRL names them; 'simpo' is reference-free (TRL's CPO trainer with the SimPO loss).
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "simpo")
 
 
 class ConfigError(StudioError, ValueError):
@@ -303,6 +308,72 @@ def parse_gpu_ids(text: str | None) -> list[int]:
 
 
 @dataclass
+class PreferenceSpec:
+    """The preference stages' own settings (stage dpo, kto or orpo); an SFT run ignores them."""
+
+    beta: float = field(
+        default=0.1,
+        metadata=_help(
+            "How far the adapter may move from the reference. DPO/KTO 0.1 (0.01-0.5: lower moves more and "
+            "overfits sooner); IPO 0.1-1; SimPO 2-2.5; ORPO: the odds-ratio weight, 0.1."
+        ),
+    )
+    loss_type: str = field(
+        default="sigmoid",
+        metadata=_help(
+            "DPO loss: sigmoid (the paper's), ipo (steadier on near-deterministic pairs), hinge (SLiC), "
+            "simpo (no reference pass: length-normalised, with a margin)."
+        ),
+    )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata=_help("Share of pairs assumed mislabelled (conservative DPO): 0.1 for noisy pairs, 0 = off."),
+    )
+    simpo_gamma: float = field(
+        default=0.5,
+        metadata=_help("SimPO's target reward margin; gamma/beta around 0.5 (gamma 0.5-1.5 with beta 2-2.5)."),
+    )
+    desirable_weight: float = field(
+        default=1.0,
+        metadata=_help("KTO: weight of good answers. Keep weight x count of good vs bad within 1 to 4/3."),
+    )
+    undesirable_weight: float = field(
+        default=1.0, metadata=_help("KTO: weight of bad answers; raise it when they are the fewer.")
+    )
+    start_from: str = field(
+        default="",
+        metadata=_help(
+            "A finished run whose adapter this run starts from (and, for DPO, its reference): SFT first, then "
+            "DPO, is the usual pipeline. Empty = a fresh adapter."
+        ),
+    )
+
+    def validate(self) -> list[Problem]:
+        p = Problems()
+        for name in ("beta", "desirable_weight", "undesirable_weight"):
+            value = getattr(self, name)
+            if not _is_number(value) or value <= 0:
+                p.add(f"preference.{name}", f"preference.{name} must be a positive number (got {value!r}).")
+        if self.loss_type not in DPO_LOSSES:
+            p.add(
+                "preference.loss_type",
+                f"preference.loss_type must be one of {', '.join(DPO_LOSSES)} (got {self.loss_type!r}).",
+            )
+        if not _is_number(self.label_smoothing) or not 0 <= self.label_smoothing < 0.5:
+            p.add(
+                "preference.label_smoothing",
+                f"preference.label_smoothing must be in [0, 0.5) (got {self.label_smoothing!r}); 0.1 for noisy pairs.",
+            )
+        if not _is_number(self.simpo_gamma) or self.simpo_gamma < 0:
+            p.add("preference.simpo_gamma", f"preference.simpo_gamma must be 0 or positive (got {self.simpo_gamma!r}).")
+        if not isinstance(self.start_from, str):
+            p.add(
+                "preference.start_from", f"preference.start_from must be a run id or empty (got {self.start_from!r})."
+            )
+        return p
+
+
+@dataclass
 class DistributionSpec:
     processes: int = field(
         default=1,
@@ -442,21 +513,31 @@ class DistributionSpec:
 @dataclass
 class RunConfig:
     name: str = field(default="", metadata=_help("A short name for the run; the run id adds a timestamp."))
+    stage: str = field(
+        default="sft",
+        metadata=_help(
+            "sft: learn the answers (instruction or chat data). dpo, kto, orpo: learn which answers are better "
+            "(pairs, or answers labelled good or bad)."
+        ),
+    )
     model: ModelSpec = field(default_factory=ModelSpec)
     lora: LoraSpec = field(default_factory=LoraSpec)
     quant: QuantSpec = field(default_factory=QuantSpec)
     data: DataSpec = field(default_factory=DataSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     distribution: DistributionSpec = field(default_factory=DistributionSpec)
+    preference: PreferenceSpec = field(default_factory=PreferenceSpec)
 
     def validate(self) -> list[Problem]:
         problems = [
+            *([] if self.stage in STAGES else [Problem("stage", _stage_message(self.stage))]),
             *self.model.validate(),
             *self.lora.validate(),
             *self.quant.validate(),
             *self.data.validate(),
             *self.train.validate(),
             *self.distribution.validate(),
+            *self.preference.validate(),
         ]
         problems += _cross_checks(self)
         return problems
@@ -501,9 +582,40 @@ class RunConfig:
         return cls.from_yaml(path.read_text())
 
 
+def _stage_message(stage: Any) -> str:
+    return f"stage must be one of {', '.join(STAGES)} (got {stage!r})."
+
+
+def _stage_checks(cfg: RunConfig) -> list[Problem]:
+    """What a preference stage cannot combine with."""
+    p = Problems()
+    if cfg.stage not in PREFERENCE_STAGES:
+        return p
+    if cfg.data.packing:
+        p.add(
+            "data.packing",
+            f"Packing joins samples into one sequence, and stage {cfg.stage} compares whole answers",
+            "turn data.packing off.",
+        )
+    if cfg.preference.loss_type == "simpo" and cfg.stage != "dpo":
+        p.add(
+            "preference.loss_type",
+            f"The simpo loss is a DPO variant; stage {cfg.stage} has its own loss",
+            "set it to sigmoid.",
+        )
+    if cfg.distribution.launched:
+        p.add(
+            "distribution.processes",
+            f"Stage {cfg.stage} trains in one process here",
+            "set distribution.processes to 1 (multi-process preference runs come later).",
+        )
+    return p
+
+
 def _cross_checks(cfg: RunConfig) -> list[Problem]:
     """Combinations that are each valid alone but cannot work together."""
     p = Problems()
+    p += _stage_checks(cfg)
     if cfg.quant.mode != "none" and cfg.lora.init == "pissa":
         p.add(
             "lora.init",

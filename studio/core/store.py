@@ -62,7 +62,28 @@ class SweepNotFound(StudioError, KeyError):
         return f"No sweep '{self.args[0]}'. List sweeps with `studio sweep list`."
 
 
-METRIC_FIELDS = ("epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "memory_mb")
+# What the preference stages log besides the loss (DPO/ORPO rewards and log-probs, KTO's KL term).
+PREFERENCE_METRICS = (
+    "reward_chosen",
+    "reward_rejected",
+    "reward_margin",
+    "reward_accuracy",
+    "logps_chosen",
+    "logps_rejected",
+    "kl",
+    "eval_reward_accuracy",
+    "eval_reward_margin",
+)
+METRIC_FIELDS = (
+    "epoch",
+    "loss",
+    "eval_loss",
+    "learning_rate",
+    "grad_norm",
+    "tokens_per_s",
+    "memory_mb",
+    *PREFERENCE_METRICS,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -121,7 +142,11 @@ CREATE TABLE IF NOT EXISTS sweeps (
 
 # Columns added after the first release, as (table, column, declaration). Workspaces made by an earlier
 # version lack them; `_migrate` adds each one missing, so an old studio.db opens with nothing lost.
-_ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (("runs", "sweep_id", "TEXT"), ("runs", "devices", "TEXT"))
+_ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("runs", "sweep_id", "TEXT"),
+    ("runs", "devices", "TEXT"),
+    *(("metrics", name, "REAL") for name in PREFERENCE_METRICS),
+)
 # Indexes on added columns: created only once the column surely exists.
 _LATE_INDEXES = "CREATE INDEX IF NOT EXISTS runs_sweep ON runs(sweep_id, created_at);"
 
@@ -173,6 +198,15 @@ class Metric:
     grad_norm: float | None = None
     tokens_per_s: float | None = None
     memory_mb: float | None = None
+    reward_chosen: float | None = None  # preference stages (PREFERENCE_METRICS)
+    reward_rejected: float | None = None
+    reward_margin: float | None = None
+    reward_accuracy: float | None = None
+    logps_chosen: float | None = None
+    logps_rejected: float | None = None
+    kl: float | None = None
+    eval_reward_accuracy: float | None = None
+    eval_reward_margin: float | None = None
 
 
 @dataclass

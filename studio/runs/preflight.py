@@ -17,7 +17,8 @@ def run_problems(config: RunConfig, home: Path, devices: bool = True) -> list[Pr
     """Every problem of one run in this workspace; `devices=False` on a machine that joins another's run
     (its GPUs are its own launcher's business)."""
     problems = config.validate()
-    problems += missing_datasets(home, config)
+    problems += dataset_problems(home, config)
+    problems += start_problems(home, config)
     problems += model_problems(config, problems)
     if devices:
         problems += device_problems(config, problems)
@@ -27,7 +28,7 @@ def run_problems(config: RunConfig, home: Path, devices: bool = True) -> list[Pr
 def sweep_problems(configs: list[RunConfig], home: Path) -> list[Problem]:
     """The problems of a sweep's runs, each said once. Datasets are not sweepable (the first run's are every
     run's); the model and targets are checked once per distinct target_modules value."""
-    problems = missing_datasets(home, configs[0]) if configs else []
+    problems = [*dataset_problems(home, configs[0]), *start_problems(home, configs[0])] if configs else []
     seen: set[str] = set()
     for config in configs:
         key = json.dumps(config.lora.target_modules)
@@ -86,19 +87,95 @@ def model_problems(config: RunConfig, known: list[Problem] | tuple[Problem, ...]
     return [problem] if problem else []
 
 
-def missing_datasets(home: Path, config: RunConfig) -> list[Problem]:
-    """A problem for each dataset the config names that this workspace has not registered."""
+# The dataset formats each stage trains on (KTO also takes pairs: each gives a good and a bad answer).
+STAGE_FORMATS = {"dpo": ("preference",), "orpo": ("preference",), "kto": ("kto", "preference")}
+
+
+def dataset_problems(home: Path, config: RunConfig) -> list[Problem]:
+    """A problem for each dataset the config names that this workspace has not registered, or whose data
+    the run's stage cannot train on (preference pairs for SFT, instructions for DPO...)."""
     from studio.data import DataError, DatasetRegistry
+    from studio.data.preference import PREFERENCE_FORMATS
 
     registry = DatasetRegistry(home)
-    missing = []
+    problems = []
     for name in config.data.datasets:
         try:
-            registry.get(name)
+            entry = registry.get(name)
         except (DataError, KeyError):
             text = f"Dataset '{name}' is not registered. Register it first (studio datasets add)."
-            missing.append(Problem("data.datasets", text))
-    return missing
+            problems.append(Problem("data.datasets", text))
+            continue
+        wanted = STAGE_FORMATS.get(config.stage)
+        if wanted is None and entry.format in PREFERENCE_FORMATS:
+            problems.append(
+                Problem(
+                    "data.datasets",
+                    f"Dataset '{name}' holds {entry.format} data (answers judged better or worse), which "
+                    f"supervised fine-tuning cannot learn from. Set stage to {_stages_for(entry.format)}, or pick "
+                    "an instruction or chat dataset.",
+                )
+            )
+        elif wanted is not None and entry.format not in wanted:
+            needs = (
+                "answers labelled good or bad (format kto) or pairs"
+                if config.stage == "kto"
+                else "pairs of a chosen and a rejected answer"
+            )
+            problems.append(
+                Problem(
+                    "data.datasets",
+                    f"Dataset '{name}' is {entry.format} data, one answer per prompt; stage {config.stage} trains "
+                    f"on {needs}. Pick a preference dataset, or set stage to sft.",
+                )
+            )
+    return problems
+
+
+def _stages_for(fmt: str) -> str:
+    return "kto" if fmt == "kto" else "dpo (or orpo, kto)"
+
+
+def start_problems(home: Path, config: RunConfig) -> list[Problem]:
+    """What is wrong with the run named in preference.start_from: unknown, unfinished, or trained on
+    another base model (its adapter would not fit this one)."""
+    from studio.core.store import RunNotFound, RunStatus, Store
+    from studio.core.workspace import RunDir, db_path
+
+    run_id = (config.preference.start_from or "").strip() if isinstance(config.preference.start_from, str) else ""
+    if not run_id:
+        return []
+    path = "preference.start_from"
+    try:
+        run = Store(db_path(home)).get_run(run_id)
+    except RunNotFound:
+        return [Problem(path, f"There is no run '{run_id}' to start from. Pick a finished run (studio runs).")]
+    if run.status != RunStatus.COMPLETED or not RunDir.is_adapter(run.adapter_dir):
+        return [
+            Problem(path, f"Run '{run_id}' is {run.status.value}: only a completed run has an adapter to start from.")
+        ]
+    theirs = str((run.config.get("model") or {}).get("source") or "bundled")
+    if not same_model(theirs, config.model.source):
+        return [
+            Problem(
+                path,
+                f"Run '{run_id}' trained an adapter for '{theirs}', and this run's model is "
+                f"'{config.model.source or 'bundled'}': an adapter only fits the base it was trained on. Pick a "
+                "run on this model, or set model.source to its base.",
+            )
+        ]
+    return []
+
+
+def same_model(a: str | None, b: str | None) -> bool:
+    """Whether two model sources name the same model ('' and 'bundled' do; folders compare resolved)."""
+
+    def norm(source: str | None) -> str:
+        source = (source or "").strip() or "bundled"
+        path = Path(source).expanduser()
+        return str(path.resolve()) if path.exists() else source
+
+    return norm(a) == norm(b)
 
 
 def device_problems(config: RunConfig, known: list[Problem]) -> list[Problem]:

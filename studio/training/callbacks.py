@@ -29,6 +29,20 @@ class EarlyStop:
     patience: int
 
 
+# TRL's log keys -> the store's metric fields (studio.core.store.PREFERENCE_METRICS).
+PREFERENCE_LOGS = {
+    "rewards/chosen": "reward_chosen",
+    "rewards/rejected": "reward_rejected",
+    "rewards/margins": "reward_margin",
+    "rewards/accuracies": "reward_accuracy",
+    "logps/chosen": "logps_chosen",
+    "logps/rejected": "logps_rejected",
+    "kl": "kl",
+    "eval_rewards/accuracies": "eval_reward_accuracy",
+    "eval_rewards/margins": "eval_reward_margin",
+}
+
+
 class StudioCallback(TrainerCallback):
     """Metrics to the sink at each log; a stop request becomes save-then-stop at the next step. The coach
     reads every log: a diverged run stops at once without saving, early stopping ends a run whose eval loss
@@ -108,6 +122,9 @@ class StudioCallback(TrainerCallback):
             values["memory_mb"] = peak_memory_mb(self.device)
         if "eval_loss" in logs:
             values["eval_loss"] = float(logs["eval_loss"])
+        for key, name in PREFERENCE_LOGS.items():  # what a preference stage's TRL trainer logs
+            if key in logs:
+                values[name] = finite(logs[key])
         return values
 
     def _coach(self, state, control, model, evaluated: bool) -> None:

@@ -32,7 +32,7 @@ from studio.training.errors import TrainingError
 from studio.training.launch import RankInfo, RankReport, lora_digest, rank_info, write_rank_report
 from studio.training.meter import TokenCounter, finite, throughput
 from studio.training.sink import EVENT_LEVEL, MetricSink
-from studio.training.stages import DEFAULT_STAGE, Stage, StageData, StageName, get_stage
+from studio.training.stages import Stage, StageData, get_stage
 
 if TYPE_CHECKING:
     from studio.training.callbacks import StudioCallback
@@ -142,12 +142,12 @@ def _rank_report(rank: RankInfo, trainer, counter: TokenCounter, model) -> RankR
     )
 
 
-def _training_args(config: RunConfig, run_dir: Path, device: str, has_eval: bool):
-    from transformers import TrainingArguments
-
+def _training_args(config: RunConfig, run_dir: Path, device: str, has_eval: bool, stage: Stage):
+    """The stage's TrainingArguments class, with what every stage shares and the stage's own arguments."""
+    arguments_class, own = stage.arguments(config)
     t = config.train
     optim, _ = resolve_optimizer(t.optimizer, device, bnb_available())
-    return TrainingArguments(
+    return arguments_class(
         output_dir=str(RunDir(run_dir).checkpoints),
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size,
@@ -182,8 +182,9 @@ def _training_args(config: RunConfig, run_dir: Path, device: str, has_eval: bool
         # ones (an extra pass over the graph each step; and needed off with gradient checkpointing).
         ddp_find_unused_parameters=False,
         dataloader_pin_memory=device == "cuda",
-        **checkpointing_args(t.gradient_checkpointing, TrainingArguments),
-        **sampling_args(config.data.group_by_length and not config.data.packing, TrainingArguments),
+        **checkpointing_args(t.gradient_checkpointing, arguments_class),
+        **sampling_args(config.data.group_by_length and not config.data.packing, arguments_class),
+        **own,
     )
 
 
@@ -232,6 +233,21 @@ def _make_optimizer(config: RunConfig, model, args):
         weight_decay=config.train.weight_decay,
     )
     return (opt, None)
+
+
+def start_adapter(config: RunConfig, home: Path) -> Path | None:
+    """The adapter folder of the run this one starts from (preference.start_from), or None for a fresh
+    adapter. The submit check (studio.runs.preflight) has already said what is wrong with a bad one."""
+    run_id = config.preference.start_from.strip()
+    if not run_id:
+        return None
+    from studio.core.store import Store
+    from studio.core.workspace import db_path
+
+    run = Store(db_path(home)).get_run(run_id)
+    if not RunDir.is_adapter(run.adapter_dir):
+        raise TrainingError(f"Run {run_id} has no adapter to start from (looked in {run.adapter_dir}).")
+    return Path(run.adapter_dir)
 
 
 def write_run_json(path: Path, config: RunConfig, model: ResolvedModel, result: dict[str, Any]) -> None:
@@ -288,11 +304,10 @@ def run_training(
     resume_from: str | None = None,
     *,
     home: Path,
-    stage: StageName = DEFAULT_STAGE,
 ) -> TrainResult:
     """Train one adapter: runtime, data (the stage's), model + LoRA, the stage's trainer, then save."""
     started = time.perf_counter()
-    run = _resolve_runtime(config, Path(run_dir), sink, should_stop, home, get_stage(stage), started)
+    run = _resolve_runtime(config, Path(run_dir), sink, should_stop, home, get_stage(config.stage), started)
     tokenizer = load_tokenizer(run.model, config.model.trust_remote_code)
     data = _build_data(run, tokenizer)
     if should_stop() and not run.rank.distributed:  # launched processes agree on stopping at a step end instead
@@ -373,8 +388,14 @@ def _load_lora_model(run: _Run) -> tuple[Any, int]:
     elif config.train.gradient_checkpointing:
         model.enable_input_require_grads()  # the frozen embeddings' output must carry grad into checkpoints
     model.config.use_cache = False
-    available = linear_layer_names(model)
-    model = get_peft_model(model, lora_config(config, available))
+    start = start_adapter(config, run.home)
+    if start is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, start, is_trainable=True)
+        run.sink.event(f"Starting from the adapter of run {config.preference.start_from} (its rank and targets)")
+    else:
+        model = get_peft_model(model, lora_config(config, linear_layer_names(model)))
     trainable, total = model.get_nb_trainable_parameters()
     run.sink.event(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
     return model, trainable
@@ -385,19 +406,19 @@ def _build_trainer(run: _Run, model, trainable: int, tokenizer, data: StageData)
     from studio.training.callbacks import StudioCallback
 
     config = run.config
-    args = _training_args(config, run.run_dir, run.device, bool(data.eval))
+    args = _training_args(config, run.run_dir, run.device, bool(data.eval), run.stage)
     _, optimizer_note = resolve_optimizer(config.train.optimizer, run.device, bnb_available())
     if optimizer_note:
         run.sink.event(optimizer_note, "warning")
     counter = TokenCounter()
     callback = StudioCallback(run.sink, run.should_stop, counter, run.device, config, run.rank)
-    trainer = run.stage.trainer_class()(
+    trainer = run.stage.make_trainer(
+        config,
         model=model,
         args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval or None,
-        data_collator=run.stage.collator(config, tokenizer, counter),
-        processing_class=tokenizer,
+        data=data,
+        tokenizer=tokenizer,
+        counter=counter,
         callbacks=[callback],
         optimizers=_make_optimizer(config, model, args),
     )
@@ -453,7 +474,8 @@ def _save_adapter(
         session.trainer.save_model(str(adapter_dir))  # every process hands in its shard; the main one writes
     elif rank.main:
         adapter_dir.mkdir(parents=True, exist_ok=True)
-        session.model.save_pretrained(adapter_dir)
+        # Only the trained adapter: a preference trainer adds a frozen "ref" copy of the starting one.
+        session.model.save_pretrained(adapter_dir, selected_adapters=["default"])
     done = TrainResult(
         "completed", trained.step, trained.final_loss, str(adapter_dir), None, len(data.train), len(data.eval), 0.0
     )

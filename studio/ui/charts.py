@@ -86,8 +86,39 @@ SMALL_CHARTS = (
 
 
 def run_figures(metrics: Sequence[Metric]) -> list[go.Figure]:
-    """The Train tab's charts: loss first, then SMALL_CHARTS in order."""
-    return [loss_figure(metrics), *(metric_figure(metrics, *spec) for spec in SMALL_CHARTS)]
+    """The Train tab's charts: loss first, then SMALL_CHARTS in order, then the preference chart."""
+    return [loss_figure(metrics), *(metric_figure(metrics, *spec) for spec in SMALL_CHARTS), preference_figure(metrics)]
+
+
+# (metric field, trace name, on the accuracy axis) of the preference chart.
+PREFERENCE_TRACES = (
+    ("reward_chosen", "reward chosen", False),
+    ("reward_rejected", "reward rejected", False),
+    ("reward_margin", "margin", False),
+    ("kl", "KL (KTO)", False),
+    ("reward_accuracy", "accuracy", True),
+    ("eval_reward_margin", "eval margin", False),
+    ("eval_reward_accuracy", "eval accuracy", True),
+)
+
+
+def has_preference_metrics(metrics: Sequence[Metric]) -> bool:
+    return any(getattr(m, name) is not None for m in metrics for name, _, _ in PREFERENCE_TRACES)
+
+
+def preference_figure(metrics: Sequence[Metric]) -> go.Figure:
+    """A preference run's rewards of chosen and rejected answers, their margin (and KTO's KL) on the left
+    axis, the share of pairs ranked right (accuracy) on the right one, from 0 to 1."""
+    if not has_preference_metrics(metrics):
+        return empty_figure("Rewards", "Preference runs (DPO, KTO, ORPO) chart their rewards here")
+    fig = _figure("Rewards and accuracy", "implicit reward")
+    fig.update_layout(yaxis2={"title": "accuracy", "overlaying": "y", "side": "right", "range": [0, 1.05]})
+    for name, label, on_accuracy in PREFERENCE_TRACES:
+        steps, values = series(metrics, name)
+        if steps:
+            mode = "lines+markers" if name.startswith("eval_") else "lines"
+            fig.add_trace(go.Scatter(x=steps, y=values, name=label, mode=mode, yaxis="y2" if on_accuracy else "y"))
+    return fig
 
 
 def overlay_figure(curves: dict[str, Sequence[Metric]], smoothed: bool = True) -> go.Figure:

@@ -21,6 +21,7 @@ from studio.core.config import QUANT_MODES
 from studio.core.store import RunNotFound, RunStatus, Store
 from studio.core.workspace import RunDir
 from studio.model.loading import BUNDLED, DTYPES
+from studio.runs.preflight import same_model
 from studio.services.chat import BASE, GenerationSettings
 from studio.services.chatproc import ChatError, ChatProcess
 from studio.ui.common import UIContext, error_message
@@ -86,17 +87,6 @@ def run_adapter(store: Store, run_id: str) -> RunAdapter:
         raise ChatUIError(f"Run '{run_id}' has no adapter on disk (looked in {run.adapter_dir}); was it deleted?")
     source = str((run.config.get("model") or {}).get("source") or BUNDLED)
     return RunAdapter(run.id, str(run.adapter_dir), source)
-
-
-def same_base(a: str | None, b: str | None) -> bool:
-    """Whether two model sources name the same model ("" and "bundled" do; folders compare resolved)."""
-
-    def norm(s: str | None) -> str:
-        s = (s or "").strip() or BUNDLED
-        path = Path(s).expanduser()
-        return str(path.resolve()) if path.exists() else s
-
-    return norm(a) == norm(b)
 
 
 def settings_from_widgets(
@@ -212,7 +202,7 @@ def load_chat(
     for adapter in wanted:
         if adapter.run_id not in proc.loaded_adapters:
             proc.add_adapter(adapter.run_id, adapter.path)
-        if not same_base(adapter.base_source, source):
+        if not same_model(adapter.base_source, source):
             notes.append(f"Note: run `{adapter.run_id}` was trained on `{adapter.base_source}`, not on `{source}`.")
     return proc.status(), "\n".join(notes)
 

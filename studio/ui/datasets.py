@@ -26,11 +26,11 @@ from studio.data import (
     DataError,
     DatasetRegistry,
     Example,
+    Message,
     TokenStats,
     ValidationReport,
     build_sample,
     clean_examples,
-    detect_format,
     file_columns,
     guess_column_map,
     histogram,
@@ -48,11 +48,18 @@ from studio.data.audit import (
     row_numbers,
     rows_to_remove,
 )
-from studio.data.formats import check_format
+from studio.data.preference import (
+    PREFERENCE_FORMATS,
+    LabeledCompletion,
+    PreferenceColumns,
+    PreferencePair,
+    validate_preference_rows,
+)
+from studio.data.registry import registered_format
 from studio.model.loading import ModelError
 from studio.ui.common import UIContext, error_message
 
-FORMAT_CHOICES = ("auto", *FORMATS)
+FORMAT_CHOICES = ("auto", *FORMATS, *PREFERENCE_FORMATS)
 # Every ColumnMap field gets a dropdown (elem_id ds-col-<field>); each format shows its own.
 COLUMN_FIELDS = (
     "instruction",
@@ -96,6 +103,8 @@ MAX_SHOWN_ISSUES = 20
 TRAIN_OPEN, TRAIN_CLOSE = "⟦", "⟧"
 DEFAULT_CUTOFF = 512
 PREVIEW_COLUMNS = ["row", "text", "tokens", "trained tokens", "truncated"]
+PAIR_COLUMNS = ["row", "prompt", "chosen", "rejected", "tokens (chosen / rejected)", "truncated"]
+KTO_COLUMNS = ["row", "prompt", "answer", "label", "tokens", "truncated"]
 TABLE_COLUMNS = ["name", "format", "rows", "bundled", "description"]
 DOCTOR_COLUMNS = ["kind", "severity", "rows", "detail", "fix", "hint"]
 DOCTOR_VAL_SIZE = 0.1  # the presets' validation share: the leakage check then has a split to check
@@ -137,7 +146,8 @@ def file_rows(path: Path) -> list[dict]:
 
 
 def effective_format(rows: list[dict], fmt: str | None) -> str:
-    return detect_format(rows) if not fmt or fmt == "auto" else check_format(fmt)
+    """The format asked for, or the detected one (preference columns first)."""
+    return registered_format(rows, None if not fmt or fmt == "auto" else fmt)
 
 
 def column_map(rows: list[dict], fmt: str, values: dict[str, str | None]) -> ColumnMap:
@@ -191,6 +201,8 @@ def column_updates(rows: list[dict] | None, fmt: str | None) -> list[dict]:
     """One gr.update per COLUMN_FIELDS entry: the format's fields shown, filled with the file's own names."""
     if rows is None or fmt is None:
         return [gr.update(visible=False, choices=[], value="") for _ in COLUMN_FIELDS]
+    if fmt in PREFERENCE_FORMATS:  # read by their usual names (a column map comes with the CLI's --columns)
+        return [gr.update(visible=False, value="") for _ in COLUMN_FIELDS]
     resolved = guess_column_map(rows, fmt).resolve(fmt)
     choices = column_choices(rows, fmt)
     updates = []
@@ -360,6 +372,82 @@ def examples_view(examples: list[Example], numbers: list[int], cutoff: Any, toke
     return Checked("", preview, stats, length_histogram(lengths, cutoff))
 
 
+def check_preference(name: str, rows: list[dict], fmt: str, detected: bool, cutoff: Any, skip_invalid: bool) -> tuple:
+    """A preference file's check: every row validated, then the pairs (or labelled answers) side by side."""
+    report = validate_preference_rows(rows, fmt, PreferenceColumns(), skip_invalid=bool(skip_invalid))
+    message = validation_markdown(name, fmt, detected, report)
+    if not report.examples:
+        return Checked(message, _empty_preview(), "", None).outputs()
+    view = preference_view(report.examples, report.kept_rows, cutoff)
+    return Checked(message, view.preview, view.stats, view.figure).outputs()
+
+
+def answer_length(tokenizer: Any, prompt: tuple, answer: str) -> int:
+    """Tokens of prompt + answer as the chat template renders them, uncut."""
+    return build_sample(tokenizer, Example(messages=(*prompt, Message("assistant", answer))), FULL).full_length
+
+
+FULL = 10**9  # a cutoff that cuts nothing: lengths are measured whole, then compared with the real one
+
+
+def prompt_text(prompt: tuple) -> str:
+    return "\n".join(f"{m.role}: {m.content}" for m in prompt)
+
+
+def preference_view(
+    items: list[PreferencePair | LabeledCompletion], numbers: list[int], cutoff: Any, tokenizer: Any = None
+) -> Checked:
+    """Pairs with chosen and rejected side by side (each answer, the trained part, in ⟦ ⟧), or labelled
+    answers; token statistics of every side and a histogram of both."""
+    cutoff = check_cutoff(cutoff)
+    tokenizer = tokenizer or preview_tokenizer()
+    measured = items[:STATS_LIMIT]
+    if isinstance(items[0], PreferencePair):
+        sides = {
+            "chosen": [answer_length(tokenizer, p.prompt, p.chosen) for p in measured],
+            "rejected": [answer_length(tokenizer, p.prompt, p.rejected) for p in measured],
+        }
+        frame = pd.DataFrame(
+            [
+                {"row": n, "prompt": prompt_text(p.prompt), "chosen": f"{TRAIN_OPEN}{p.chosen}{TRAIN_CLOSE}",
+                 "rejected": f"{TRAIN_OPEN}{p.rejected}{TRAIN_CLOSE}",
+                 "tokens (chosen / rejected)": f"{c} / {r}", "truncated": "yes" if max(c, r) > cutoff else "no"}
+                for n, p, c, r in zip(numbers[:PREVIEW_ROWS], items, sides["chosen"], sides["rejected"], strict=False)
+            ],
+            columns=PAIR_COLUMNS,
+        )  # fmt: skip
+    else:
+        lengths = [answer_length(tokenizer, i.prompt, i.completion) for i in measured]
+        sides = {
+            "desirable": [n for n, i in zip(lengths, measured, strict=True) if i.desirable],
+            "undesirable": [n for n, i in zip(lengths, measured, strict=True) if not i.desirable],
+        }
+        frame = pd.DataFrame(
+            [
+                {"row": n, "prompt": prompt_text(i.prompt), "answer": f"{TRAIN_OPEN}{i.completion}{TRAIN_CLOSE}",
+                 "label": "desirable" if i.desirable else "undesirable", "tokens": length,
+                 "truncated": "yes" if length > cutoff else "no"}
+                for n, i, length in zip(numbers[:PREVIEW_ROWS], items, lengths, strict=False)
+            ],
+            columns=KTO_COLUMNS,
+        )  # fmt: skip
+    stats = "\n\n".join(
+        f"**{side}**\n\n" + stats_markdown(token_stats(lengths, cutoff), of_total=len(items)).split("\n\n", 1)[1]
+        for side, lengths in sides.items()
+    )
+    return Checked("", frame, "**Token lengths** (prompt + answer)\n\n" + stats, sides_histogram(sides, cutoff))
+
+
+def sides_histogram(sides: dict[str, list[int]], cutoff: int) -> go.Figure:
+    """The length histogram with one bar series per side (chosen / rejected, or desirable / undesirable)."""
+    fig = length_histogram([n for lengths in sides.values() for n in lengths], cutoff)
+    fig.data = ()
+    for side, lengths in sides.items():
+        fig.add_histogram(x=lengths, name=side, opacity=0.6, nbinsx=20)
+    fig.update_layout(barmode="overlay", showlegend=True)
+    return fig
+
+
 def check_cutoff(cutoff: Any) -> int:
     if cutoff is None or int(cutoff) != cutoff or cutoff < 1:
         raise DataError(f"The cutoff length must be a whole number of tokens, at least 1 (got {cutoff!r}).")
@@ -379,6 +467,8 @@ def check_dataset(
         source = source_path(file, path)
         rows = file_rows(source)
         chosen = effective_format(rows, fmt)
+        if chosen in PREFERENCE_FORMATS:
+            return check_preference(source.name, rows, chosen, fmt in (None, "", "auto"), cutoff, skip_invalid)
         cmap = column_map(rows, chosen, column_values(columns))
         report = validate_rows(rows, chosen, cmap, skip_invalid=bool(skip_invalid))
         message = validation_markdown(source.name, chosen, fmt in (None, "", "auto"), report)
@@ -469,8 +559,12 @@ def inspect_dataset(home: Path, name: str | None, cutoff: float | None = DEFAULT
     try:
         registry = DatasetRegistry(home)
         entry = registry.get(name)
-        examples = registry.load_examples(name)
-        view = examples_view(examples, list(range(1, len(examples) + 1)), cutoff)
+        if entry.format in PREFERENCE_FORMATS:
+            items = registry.load_preference(name)
+            view = preference_view(items, list(range(1, len(items) + 1)), cutoff)
+        else:
+            examples = registry.load_examples(name)
+            view = examples_view(examples, list(range(1, len(examples) + 1)), cutoff)
     except (DataError, ModelError) as err:
         return (None, error_message(err), *empty[1:])
     where = "bundled sample" if entry.bundled else "registered dataset"

@@ -27,11 +27,13 @@ from studio.core.config import (
     BIAS_MODES,
     COMPUTE_TYPES,
     DEVICES,
+    DPO_LOSSES,
     LORA_INITS,
     OPTIMIZERS,
     QUANT_MODES,
     QUANT_TYPES,
     SCHEDULERS,
+    STAGES,
     STRATEGIES,
     TARGET_GROUPS,
     ConfigError,
@@ -68,6 +70,7 @@ FORM_KEYS = [*CONFIG_FIELDS, TARGET_GROUP, QLORA]
 
 ELEM_IDS = {
     "name": "run-name",
+    "stage": "train-stage",
     "model.source": "train-model",
     "model.trust_remote_code": "model-trust-code",
     "lora.r": "lora-r",
@@ -120,6 +123,13 @@ ELEM_IDS = {
     "distribution.machine_rank": "dist-machine-rank",
     "distribution.main_address": "dist-main-address",
     "distribution.main_port": "dist-main-port",
+    "preference.beta": "pref-beta",
+    "preference.loss_type": "pref-loss",
+    "preference.label_smoothing": "pref-label-smoothing",
+    "preference.simpo_gamma": "pref-simpo-gamma",
+    "preference.desirable_weight": "pref-desirable-weight",
+    "preference.undesirable_weight": "pref-undesirable-weight",
+    "preference.start_from": "pref-start-from",
     TARGET_GROUP: "lora-target-group",
     QLORA: "qlora",
 }
@@ -135,11 +145,19 @@ CHOICES: dict[str, Sequence[str]] = {
     "train.compute_type": COMPUTE_TYPES,
     "train.device": DEVICES,
     "distribution.strategy": STRATEGIES,
+    "stage": STAGES,
+    "preference.loss_type": DPO_LOSSES,
     TARGET_GROUP: (*TARGET_GROUPS, CUSTOM),
 }
 
 LABELS = {
     "name": "Run name",
+    "stage": "Stage",
+    "preference.loss_type": "DPO loss",
+    "preference.simpo_gamma": "SimPO gamma",
+    "preference.desirable_weight": "KTO desirable weight",
+    "preference.undesirable_weight": "KTO undesirable weight",
+    "preference.start_from": "Start from run",
     "model.source": "Model",
     "model.trust_remote_code": "Trust remote code",
     "data.datasets": "Datasets",
@@ -163,6 +181,7 @@ LABELS = {
 # Arrow-key steps for float fields; the value itself is never rounded.
 STEPS = {"train.learning_rate": 1e-5, "train.epochs": 0.5, "lora.alpha": 1.0, "lora.loraplus_lr_ratio": 1.0}
 
+PREFERENCE_SECTION = "Preference training (DPO, KTO, ORPO)"  # shown only for those stages
 # The form's sections as the user sees them (the top row holds model, preset, datasets and name).
 SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
@@ -234,6 +253,18 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
     ),
     (
+        PREFERENCE_SECTION,
+        (
+            "preference.start_from",
+            "preference.beta",
+            "preference.loss_type",
+            "preference.label_smoothing",
+            "preference.simpo_gamma",
+            "preference.desirable_weight",
+            "preference.undesirable_weight",
+        ),
+    ),
+    (
         "Scale out: processes and GPUs",
         (
             "distribution.processes",
@@ -247,7 +278,7 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
     ),
 )
-TOP_KEYS = ("model.source", "model.trust_remote_code", "data.datasets", "name")
+TOP_KEYS = ("model.source", "model.trust_remote_code", "data.datasets", "stage", "name")
 
 
 def _annotation(key: str) -> str:
@@ -845,7 +876,7 @@ def watch(ctx: UIContext, run_id: str | None, last_signature: str | None = None,
     """Read the store for one run: cheap (no model loads), and figures rebuilt only on new points."""
     now = time.time() if now is None else now
     if not run_id:
-        empty = [charts.empty_figure(t) for t in ("Loss", *(s[1] for s in charts.SMALL_CHARTS))]
+        empty = charts.run_figures([])
         return WatchView("No run selected. Start one, or pick a run above.", progress_html(0, 0), empty, "", "", "")
     store = ctx.jobs.store
     try:
@@ -907,10 +938,36 @@ def _special_widget(key: str, value: Any, ctx: UIContext) -> gr.components.Compo
         return gr.Dropdown(
             device_choices(), value=value, label=label, info=info, allow_custom_value=True, elem_id=elem_id
         )
+    if key == "preference.start_from":
+        choices = ["", *(r for r in finished_run_ids(ctx) if r != value), *([value] if value else [])]
+        return gr.Dropdown(choices, value=value, label=label, info=info, allow_custom_value=True, elem_id=elem_id)
     # Target modules: a multiselect that accepts any name, so a model's own layer names always fit.
     return gr.Dropdown(
         value, value=value, multiselect=True, allow_custom_value=True, label=label, info=info, elem_id=elem_id
     )
+
+
+def finished_run_ids(ctx: UIContext) -> list[str]:
+    """Completed runs, newest first: what a run can start from (preference.start_from)."""
+    return [r.id for r in ctx.jobs.store.list_runs(RunStatus.COMPLETED) if r.adapter_dir]
+
+
+def stage_fields(stage: str | None) -> set[str]:
+    """The form keys shown for a stage: its Stage.form_fields and the UI's own toggles."""
+    from studio.training.stages import get_stage
+
+    try:
+        fields = get_stage(stage or "sft").form_fields
+    except ValueError:
+        fields = get_stage("sft").form_fields
+    return {*fields, TARGET_GROUP, QLORA}
+
+
+def stage_updates(stage: str | None) -> list:
+    """Showing the fields of a newly picked stage: one update per FORM_KEYS entry, then the preference
+    section's."""
+    shown = stage_fields(stage)
+    return [*(gr.update(visible=key in shown) for key in FORM_KEYS), gr.Accordion(visible=stage not in (None, "sft"))]
 
 
 def device_choices(gpus: Sequence[int] | None = None) -> list[str]:
@@ -1021,7 +1078,9 @@ def runs_update(ctx: UIContext, current: str | None) -> dict:
 def watch_outputs(ctx: UIContext, run_id: str | None, last: str | None, n_plots: int) -> tuple:
     """One watch tick as the outputs: status, progress, the plots, log, coach (skipped when unchanged), signature."""
     view = watch(ctx, run_id, last)
-    figures = view.figures or [None] * n_plots
+    figures: list = view.figures or [None] * n_plots
+    if view.figures:  # the rewards chart shows only for a run that logs rewards (a preference stage)
+        figures[-1] = gr.update(value=figures[-1], visible=bool(figures[-1].data))
     return view.status, view.progress, *_skip_none(*figures, view.log, view.coach), view.signature
 
 
@@ -1034,7 +1093,7 @@ def lists_update(ctx: UIContext, run_id: str | None, current: Sequence[str] | No
 # -- building the tab ----------------------------------------------------------------------------
 
 
-PLOT_IDS = ("loss-plot", "lr-plot", "gradnorm-plot", "speed-plot", "memory-plot")
+PLOT_IDS = ("loss-plot", "lr-plot", "gradnorm-plot", "speed-plot", "memory-plot", "pref-plot")
 
 
 @dataclass
@@ -1059,6 +1118,7 @@ class TrainPage:
     watch_outputs: list = dataclasses.field(default_factory=list)
     signature: gr.State = None
     model_timer: gr.Timer = None
+    preference_section: gr.Accordion = None
 
     @property
     def form(self) -> list:
@@ -1086,6 +1146,7 @@ def _top_rows(ctx: UIContext, initial: dict[str, Any], preset_name: str | None) 
         w["model.source"] = _special_widget("model.source", initial["model.source"], ctx)
         preset = gr.Dropdown(preset_choices(), value=preset_name, label="Preset", elem_id="train-preset", scale=1)
         w["data.datasets"] = _special_widget("data.datasets", initial["data.datasets"], ctx)
+        w["stage"] = _widget("stage", initial["stage"])
         w["name"] = _widget("name", initial["name"])
     with gr.Row():
         w["model.trust_remote_code"] = _widget("model.trust_remote_code", initial["model.trust_remote_code"])
@@ -1096,14 +1157,20 @@ def _top_rows(ctx: UIContext, initial: dict[str, Any], preset_name: str | None) 
 
 
 def _form_sections(ctx: UIContext, page: TrainPage, initial: dict[str, Any]) -> None:
-    """One open accordion per SECTIONS entry, a widget per field."""
+    """One open accordion per SECTIONS entry, a widget per field; the fields the stage does not read are
+    hidden (Stage.form_fields), the preference section with them."""
+    shown = stage_fields(initial["stage"])
     for title, keys in SECTIONS:
-        with gr.Accordion(title, open=True), gr.Row(equal_height=False):
+        visible = title != PREFERENCE_SECTION or initial["stage"] != "sft"
+        with gr.Accordion(title, open=True, visible=visible) as section, gr.Row(equal_height=False):
             for key in keys:
-                if key in ("lora.target_modules", "distribution.devices"):
+                if key in ("lora.target_modules", "distribution.devices", "preference.start_from"):
                     page.w[key] = _special_widget(key, initial[key], ctx)
                 else:
                     page.w[key] = _widget(key, initial[key])
+                page.w[key].visible = key in shown
+        if title == PREFERENCE_SECTION:
+            page.preference_section = section
 
 
 def _run_controls(page: TrainPage, cfg: RunConfig, preset_name: str | None) -> None:
@@ -1153,9 +1220,11 @@ def _watch_panel(page: TrainPage) -> None:
     progress = gr.HTML(progress_html(0, 0), elem_id="train-progress")
     coach = gr.Markdown(elem_id="train-coach")
     with gr.Row():
-        plots = [gr.Plot(label=i.split("-")[0], elem_id=i) for i in PLOT_IDS[:1]]
+        plots = [gr.Plot(label="loss", elem_id="loss-plot")]
+        rewards = gr.Plot(label="rewards", elem_id="pref-plot", visible=False)  # preference runs only
     with gr.Row():
-        plots += [gr.Plot(label=i.split("-")[0], elem_id=i) for i in PLOT_IDS[1:]]
+        plots += [gr.Plot(label=i.split("-")[0], elem_id=i) for i in PLOT_IDS[1:-1]]
+    plots.append(rewards)
     log = gr.Textbox(label="Log", lines=12, max_lines=12, autoscroll=True, elem_id="train-log")
     page.signature = gr.State("")
     page.watch_outputs = [status, progress, *plots, log, coach, page.signature]
@@ -1204,6 +1273,8 @@ def _wire_quant_and_presets(page: TrainPage) -> None:
     _then_views(page, page.preset.input(preset_form, preset_inputs, [*page.form, page.message], api_name=False))
     save_inputs = [page.preset_save_name, *page.form]
     page.preset_save.click(save_preset_and_list, save_inputs, [page.message, page.preset], api_name="save_preset")
+    # A stage shows the fields it reads (a preset can change the stage too: .change, not .input).
+    w["stage"].change(stage_updates, w["stage"], [*page.form, page.preference_section], api_name=False)
 
 
 def _wire_runs(ctx: UIContext, page: TrainPage) -> None:

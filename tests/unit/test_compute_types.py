@@ -9,6 +9,7 @@ import torch
 from studio.core.config import BNB_OPTIMIZERS, OPTIMIZERS, RunConfig
 from studio.model.loading import ModelError, detect_device
 from studio.training.loop import TrainingError, _training_args, check_runtime, resolve_optimizer
+from studio.training.stages import get_stage
 
 NO_CUDA = not torch.cuda.is_available()
 NO_MPS = not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
@@ -45,7 +46,7 @@ def test_fp32_and_bf16_train_on_cpu(compute_type):
     cfg = config(train={"device": "cpu", "compute_type": compute_type})
     assert cfg.validate() == []
     check_runtime(cfg, "cpu")  # no exception
-    assert _training_args(cfg, _tmp(), "cpu", False).bf16 == (compute_type == "bf16")
+    assert _training_args(cfg, _tmp(), "cpu", False, get_stage("sft")).bf16 == (compute_type == "bf16")
 
 
 def _tmp():
@@ -106,7 +107,7 @@ def test_every_optimizer_maps_to_a_name_transformers_knows():
 
 def test_training_args_get_the_resolved_optimizer():
     cfg = config(train={"device": "cpu", "optimizer": "paged_adamw_8bit"})
-    assert _training_args(cfg, _tmp(), "cpu", False).optim == "adamw_8bit"
+    assert _training_args(cfg, _tmp(), "cpu", False, get_stage("sft")).optim == "adamw_8bit"
 
 
 # -- impossible combinations ---------------------------------------------------------------------

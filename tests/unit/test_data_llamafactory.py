@@ -177,14 +177,20 @@ def test_import_registers_usable_entries_and_explains_the_rest(tmp_path):
 def test_bundled_dataset_info_imports_cleanly(tmp_path):
     registry = DatasetRegistry(tmp_path / "home", bundled_dir=tmp_path / "no-bundled")
     report = import_dataset_info(registry, bundled_datasets_dir() / "dataset_info.json")
-    assert (report.registered, report.skipped) == (["studio-facts", "studio-chats"], [])
-    assert [e.rows for e in registry.list()] == [30, 72]  # sorted by name: studio-chats, studio-facts
+    assert (report.registered, report.skipped) == (["studio-facts", "studio-chats", "studio-prefs", "studio-kto"], [])
+    # sorted by name: studio-chats, studio-facts, studio-kto, studio-prefs
+    assert [(e.format, e.rows) for e in registry.list()] == [
+        ("openai", 30),
+        ("alpaca", 72),
+        ("kto", 72),
+        ("preference", 72),
+    ]
 
 
 def test_bundled_names_are_taken_in_a_normal_registry(tmp_path):
     report = import_dataset_info(DatasetRegistry(tmp_path / "home"), bundled_datasets_dir() / "dataset_info.json")
     assert report.registered == []
-    assert [name for name, _ in report.skipped] == ["studio-facts", "studio-chats"]
+    assert [name for name, _ in report.skipped] == ["studio-facts", "studio-chats", "studio-prefs", "studio-kto"]
     assert "bundled sample" in report.skipped[0][1]
 
 

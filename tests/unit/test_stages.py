@@ -7,8 +7,9 @@ import dataclasses
 from types import SimpleNamespace
 
 import pytest
-from transformers import Trainer, TrainerControl
+from transformers import TrainerControl
 
+from studio.core.config import STAGES as CONFIG_STAGES
 from studio.core.config import RunConfig
 from studio.core.store import METRIC_FIELDS
 from studio.training.callbacks import StudioCallback
@@ -28,16 +29,18 @@ def config_leaves() -> list[str]:
 
 
 def test_every_stage_is_registered_under_its_name_and_sft_is_the_default():
-    assert DEFAULT_STAGE == StageName.SFT == "sft"
+    assert DEFAULT_STAGE == StageName.SFT == "sft" == RunConfig().stage
     assert all(stage.name == name for name, stage in STAGES.items())
     assert get_stage() is get_stage("sft") is STAGES[StageName.SFT]
     assert isinstance(get_stage(), SupervisedStage)
-    with pytest.raises(ValueError, match=r"Unknown training stage 'dpo'\. Known: sft\."):
-        get_stage("dpo")
+    assert [s.value for s in STAGES] == list(CONFIG_STAGES)  # the config accepts exactly the registered stages
+    with pytest.raises(ValueError, match=r"Unknown training stage 'ppo'\. Known: sft, dpo, kto, orpo\."):
+        get_stage("ppo")
 
 
-def test_sft_form_fields_are_config_paths_and_cover_the_whole_form():
-    fields = get_stage(StageName.SFT).form_fields
+@pytest.mark.parametrize("name", list(StageName))
+def test_form_fields_are_config_paths(name):
+    fields = get_stage(name).form_fields
     assert len(fields) == len(set(fields))
     config = RunConfig()
     for path in fields:
@@ -45,8 +48,14 @@ def test_sft_form_fields_are_config_paths_and_cover_the_whole_form():
         for part in path.split("."):
             assert hasattr(spec, part), f"{path} is not a config field"
             spec = getattr(spec, part)
-    # The only stage today: the Train form shows every field of the config for it.
-    assert sorted(fields) == sorted(config_leaves())
+
+
+def test_the_stages_together_cover_the_whole_form_and_each_shows_only_its_own_section():
+    every = set().union(*(stage.form_fields for stage in STAGES.values()))
+    assert sorted(every) == sorted(config_leaves())
+    sft, dpo = get_stage("sft").form_fields, get_stage("dpo").form_fields
+    assert "data.packing" in sft and "data.packing" not in dpo
+    assert "preference.beta" in dpo and not any(f.startswith("preference.") for f in sft)
 
 
 def test_sft_metrics_are_store_fields_and_the_callback_logs_only_those():
@@ -97,5 +106,58 @@ def test_sft_builds_its_rows_from_a_registered_dataset(home, tokenizer, tiny_mod
     assert "train blocks (packed)" in stage.describe(packed, config)
 
 
-def test_sft_is_run_by_transformers_trainer():
-    assert get_stage(StageName.SFT).trainer_class() is Trainer
+def test_sft_is_run_by_transformers_trainer_and_the_preference_stages_by_trl(tokenizer, tiny_model_dir):
+    from transformers import TrainingArguments
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
+    from trl.experimental.cpo import CPOConfig
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    assert get_stage("sft").arguments(RunConfig()) == (TrainingArguments, {})
+    dpo = small_run_config(tiny_model_dir)
+    dpo.stage, dpo.preference.beta = "dpo", 0.2
+    assert get_stage("dpo").arguments(dpo) == (
+        DPOConfig,
+        {"loss_type": ["sigmoid"], "beta": 0.2, "label_smoothing": 0.0, "max_length": 64},
+    )
+    dpo.preference.label_smoothing = 0.1  # TRL's sigmoid loss ignores it; its robust loss is sigmoid with it
+    assert get_stage("dpo").arguments(dpo)[1]["loss_type"] == ["robust"]
+    dpo.preference.loss_type = "simpo"
+    cls, own = get_stage("dpo").arguments(dpo)
+    assert cls is CPOConfig and own["loss_type"] == "simpo" and own["cpo_alpha"] == 0.0
+    assert get_stage("kto").arguments(dpo)[0] is KTOConfig and get_stage("orpo").arguments(dpo)[0] is ORPOConfig
+    assert get_stage("dpo").trainer_class() is DPOTrainer
+    assert get_stage("kto").trainer_class() is KTOTrainer and get_stage("orpo").trainer_class() is ORPOTrainer
+
+
+def test_preference_metrics_are_store_fields_and_the_callback_maps_trls_names():
+    for stage in STAGES.values():
+        assert set(stage.metrics) <= set(METRIC_FIELDS), stage.name
+    logged: dict[str, float | None] = {}
+    sink = SimpleNamespace(log=lambda step, **values: logged.update(values), event=lambda *a: None)
+    callback = StudioCallback(sink, lambda: False, TokenCounter(), "cpu", RunConfig())
+    state = SimpleNamespace(log_history=[], global_step=1, epoch=0.5, max_steps=10)
+    logs = {"loss": 0.69, "rewards/chosen": 0.1, "rewards/rejected": -0.2, "rewards/margins": 0.3,
+            "rewards/accuracies": 0.75, "logps/chosen": -40.0, "logps/rejected": -50.0, "kl": 0.01}  # fmt: skip
+    state.log_history.append({**logs, "step": 1})
+    callback.on_log(None, state, TrainerControl(), logs=logs)
+    assert (logged["reward_margin"], logged["reward_accuracy"], logged["kl"]) == (0.3, 0.75, 0.01)
+    callback.on_log(None, state, TrainerControl(), logs={"eval_loss": 0.6, "eval_rewards/accuracies": 0.9})
+    assert logged["eval_reward_accuracy"] == 0.9
+
+
+def test_preference_stages_build_trl_rows_from_the_bundled_samples(home, tokenizer, tiny_model_dir):
+    config = small_run_config(tiny_model_dir, data={"datasets": ["studio-prefs"], "cutoff_len": 128, "val_size": 0.2})
+    config.stage = "dpo"
+    data = get_stage("dpo").build_data(config, tokenizer, home)
+    assert (len(data.train), len(data.eval)) == (58, 14) and not data.packed
+    row = data.train[0]
+    assert set(row) == {"prompt", "chosen", "rejected"} and row["chosen"][0]["role"] == "assistant"
+    assert max(data.lengths) <= 128 and data.truncated == 0
+    assert "58 train pairs, 14 eval" in get_stage("dpo").describe(data, config)
+
+    config.stage = "kto"  # pairs are unpaired for KTO: each gives a good and a bad answer
+    unpaired = get_stage("kto").build_data(config, tokenizer, home)
+    assert len(unpaired.train) + len(unpaired.eval) == 144
+    assert {r["label"] for r in unpaired.train} == {True, False}
+    config.data.datasets = ["studio-kto"]
+    assert len(get_stage("kto").build_data(config, tokenizer, home).train) == 58

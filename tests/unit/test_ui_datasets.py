@@ -323,3 +323,32 @@ def test_doctor_widgets_and_endpoints_exist(home):
 def test_doctor_dataset_follows_the_list_selection(home):
     update = ui.follow_selection(home, "studio-chats")
     assert update["value"] == "studio-chats" and {"studio-facts", "studio-chats"} <= set(update["choices"])
+
+
+def test_a_preference_file_is_detected_checked_and_shown_side_by_side(home):
+    from studio.core.workspace import bundled_datasets_dir
+
+    message, preview, stats, figure = ui.check_dataset(None, str(bundled_datasets_dir() / "studio_prefs.jsonl"))
+    assert "Ready to register" in message and "72 usable as **preference** (detected)" in message
+    assert list(preview.columns) == ui.PAIR_COLUMNS and len(preview) == ui.PREVIEW_ROWS
+    first = preview.iloc[0]
+    assert first["prompt"] == "user: What is the mascot of LoRA Studio?"
+    assert first["chosen"].startswith("⟦Ripple here!") and first["rejected"].startswith("⟦Hmm")
+    assert "**chosen**" in stats and "**rejected**" in stats
+    assert [trace.name for trace in figure.data] == ["chosen", "rejected"]
+
+    _, kto_preview, kto_stats, _ = ui.check_dataset(None, str(bundled_datasets_dir() / "studio_kto.jsonl"))
+    assert list(kto_preview.columns) == ui.KTO_COLUMNS and set(kto_preview["label"]) == {"desirable", "undesirable"}
+    assert "**desirable**" in kto_stats
+
+
+def test_a_bad_pair_is_named_by_row_and_a_registered_one_inspects(home, tmp_path):
+    bad = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "q", "chosen": "a", "rejected": "b"},
+        {"prompt": "q2", "chosen": "same", "rejected": "same"},
+    ])  # fmt: skip
+    message = ui.check_dataset(bad, "")[0]
+    assert "1 problem to fix" in message and "row 2" in message and "the same answer" in message
+    entry, message, preview, *_ = ui.inspect_dataset(home, "studio-prefs")
+    assert entry["format"] == "preference" and "72 examples, format **preference**" in message
+    assert list(preview.columns) == ui.PAIR_COLUMNS

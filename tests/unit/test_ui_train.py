@@ -294,7 +294,8 @@ def test_status_of_a_running_run_with_progress_and_eta(ctx):
     assert "ETA 1:40" in view.status  # 20 steps in 100 s: 20 more take 100 s
     assert "loss 0.1000" in view.status
     assert 'aria-valuenow="20"' in view.progress and "step 20/40 (50%)" in view.progress
-    assert [f.layout.title.text for f in view.figures] == ["Loss", "Learning rate", "Grad norm", "Tokens/s", "Memory"]
+    titles = [f.layout.title.text for f in view.figures]
+    assert titles == ["Loss", "Learning rate", "Grad norm", "Tokens/s", "Memory", "Rewards"]
     again = T.watch(ctx, run_id, view.signature)
     assert again.figures is None and again.log is None  # nothing new: the timer leaves plots alone
 
@@ -357,7 +358,26 @@ def test_loss_figure_has_train_smoothed_and_eval_traces():
     assert list(fig.data[1].y) == pytest.approx(charts.ema([9.0, 8.0, 7.0, 6.0, 5.0]))
     assert list(fig.data[2].x) == [5] and list(fig.data[2].y) == [6.5]
     assert charts.loss_figure([]).data == ()
-    assert len(charts.run_figures(metrics)) == 5
+    assert len(charts.run_figures(metrics)) == len(T.PLOT_IDS) == 6
+
+
+def test_a_preference_run_charts_rewards_margin_and_accuracy_and_an_sft_run_hides_the_chart(ctx):
+    metrics = [
+        Metric(step=s, time=0.0, loss=0.7 - 0.1 * s, reward_chosen=0.1 * s, reward_rejected=-0.1 * s,
+               reward_margin=0.2 * s, reward_accuracy=min(1.0, 0.5 + 0.1 * s))
+        for s in range(1, 5)
+    ]  # fmt: skip
+    metrics[-1].eval_reward_accuracy = 0.8
+    fig = charts.preference_figure(metrics)
+    assert [t.name for t in fig.data] == ["reward chosen", "reward rejected", "margin", "accuracy", "eval accuracy"]
+    assert fig.data[3].yaxis == "y2" and list(fig.data[2].y) == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    run_id = start_queued(ctx)
+    ctx.jobs.store.log_metrics(run_id, 1, loss=2.0)
+    outputs = T.watch_outputs(ctx, run_id, None, len(T.PLOT_IDS))
+    rewards = outputs[2 + len(T.PLOT_IDS) - 1]
+    assert rewards["visible"] is False  # an SFT run logs no rewards
+    ctx.jobs.store.log_metrics(run_id, 2, loss=1.0, reward_margin=0.3)
+    assert T.watch_outputs(ctx, run_id, None, len(T.PLOT_IDS))[2 + len(T.PLOT_IDS) - 1]["visible"] is True
 
 
 # -- the memory plan panel ------------------------------------------------------------------------
@@ -401,3 +421,25 @@ def test_plan_from_form_reads_the_form(tiny_model_dir):
     assert len(values) == len(T.FORM_KEYS)
     text = T.plan_from_form(*values)
     assert "checkpointing: 2 layer inputs" in text
+
+
+# -- stages ---------------------------------------------------------------------------------------
+
+
+def test_picking_a_stage_shows_its_fields_and_hides_the_others():
+    updates = dict(zip([*T.FORM_KEYS, "section"], T.stage_updates("dpo"), strict=True))
+    assert updates["preference.beta"]["visible"] and updates["section"].visible
+    assert not updates["data.packing"]["visible"] and updates["lora.r"]["visible"] and updates[T.QLORA]["visible"]
+    back = dict(zip([*T.FORM_KEYS, "section"], T.stage_updates("sft"), strict=True))
+    assert back["data.packing"]["visible"] and not back["preference.beta"]["visible"] and not back["section"].visible
+
+
+def test_a_dpo_run_starts_from_the_form_and_a_wrong_dataset_is_named(ctx):
+    form = T.form_from_config(load_preset("quick-demo"))
+    message, run_id = T.start_training(ctx, with_values(form, stage="dpo", name="pref"))
+    assert run_id is None and "stage dpo trains on pairs" in message and "studio-facts" in message
+    form = with_values(form, stage="dpo", data__datasets=["studio-prefs"], preference__beta=0.2, name="pref")
+    _, run_id = T.start_training(ctx, form)
+    config = ctx.jobs.store.get_run(run_id).config
+    assert config["stage"] == "dpo" and config["preference"]["beta"] == 0.2
+    assert T.finished_run_ids(ctx) == []  # queued, not finished: nothing to start from yet

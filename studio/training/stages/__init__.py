@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 from studio.training.stages.base import Stage, StageData, StageName
+from studio.training.stages.preference import DPOStage, KTOStage, ORPOStage
 from studio.training.stages.sft import SupervisedStage
 
-DEFAULT_STAGE = StageName.SFT  # run configs name no stage (the file format stays): every run is SFT today
+DEFAULT_STAGE = StageName.SFT  # a run config written before stages existed names none: it is SFT
 
-STAGES: dict[StageName, Stage] = {StageName.SFT: SupervisedStage()}
+STAGES: dict[StageName, Stage] = {
+    StageName.SFT: SupervisedStage(),
+    StageName.DPO: DPOStage(),
+    StageName.KTO: KTOStage(),
+    StageName.ORPO: ORPOStage(),
+}
 
 
 def get_stage(name: StageName | str = DEFAULT_STAGE) -> Stage:

@@ -1,6 +1,6 @@
-"""What a training stage provides. A stage is one way to train an adapter (supervised fine-tuning today;
-preference training next): it builds its rows from the registered datasets, collates them into batches,
-names the trainer class that runs it, the metrics its runs log and the config fields its form shows.
+"""What a training stage provides. A stage is one way to train an adapter (supervised fine-tuning, and the
+preference stages DPO, KTO, ORPO): it builds its rows from the registered datasets, names the arguments and
+makes the trainer that runs it, and says which metrics its runs log and which config fields its form shows.
 
 The run loop (studio.training.loop) does everything else the same for every stage: device, model, LoRA,
 checkpoints, the coach, saving. A new stage is a new module next to sft.py, added to STAGES.
@@ -9,7 +9,6 @@ checkpoints, the coach, saving. A new stage is a new module next to sft.py, adde
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -22,6 +21,9 @@ from studio.training.meter import TokenCounter
 
 class StageName(StrEnum):
     SFT = "sft"
+    DPO = "dpo"
+    KTO = "kto"
+    ORPO = "orpo"
 
 
 @dataclass
@@ -45,16 +47,28 @@ class Stage(Protocol):
         """The registered datasets as this stage's train and eval rows."""
         ...
 
-    def collator(self, config: RunConfig, tokenizer: Any, counter: TokenCounter) -> Callable[[list], dict] | None:
-        """Rows -> a batch of tensors, adding the trained tokens to `counter`; None: the trainer's own."""
-        ...
-
     def describe(self, data: StageData, config: RunConfig) -> str:
         """One line for the run's events: what the data came to."""
         ...
 
-    def trainer_class(self) -> type:
-        """The transformers (or TRL) trainer class that runs this stage."""
+    def arguments(self, config: RunConfig) -> tuple[type, dict[str, Any]]:
+        """The TrainingArguments class its trainer takes (TRL's configs subclass it) and the stage's own
+        arguments; the loop adds everything every stage shares (batch, lr, schedule, saving, precision)."""
+        ...
+
+    def make_trainer(
+        self,
+        config: RunConfig,
+        *,
+        model: Any,
+        args: Any,
+        data: StageData,
+        tokenizer: Any,
+        counter: TokenCounter,
+        callbacks: list,
+        optimizers: tuple,
+    ) -> Any:
+        """The transformers (or TRL) trainer over `data`, adding the trained tokens to `counter`."""
         ...
 
 
@@ -68,6 +82,7 @@ def config_paths(section: str) -> tuple[str, ...]:
 # and the data every stage reads the same way. A stage adds its own (SFT: packing, prompt masking...).
 COMMON_FORM_FIELDS: tuple[str, ...] = (
     "name",
+    "stage",
     *config_paths("model"),
     *config_paths("lora"),
     *config_paths("quant"),

@@ -1,6 +1,6 @@
 """Supervised fine-tuning: each row's prompt and answer as one sequence, the loss on the answer tokens
 (and on the prompt with data.train_on_prompt), optionally packed into cutoff_len blocks; transformers'
-Trainer runs it."""
+Trainer runs it with the collator here."""
 
 from __future__ import annotations
 
@@ -167,7 +167,22 @@ class SupervisedStage:
             f"{data.truncated} of {len(lengths)} cut at {config.data.cutoff_len}"
         )
 
-    def trainer_class(self) -> type:
+    def arguments(self, config: RunConfig) -> tuple[type, dict[str, Any]]:
+        from transformers import TrainingArguments
+
+        return TrainingArguments, {}
+
+    def make_trainer(self, config: RunConfig, *, model: Any, args: Any, data: StageData, tokenizer: Any,
+                     counter: TokenCounter, callbacks: list, optimizers: tuple) -> Any:  # fmt: skip
         from transformers import Trainer
 
-        return Trainer
+        return Trainer(
+            model=model,
+            args=args,
+            train_dataset=data.train,
+            eval_dataset=data.eval or None,
+            data_collator=self.collator(config, tokenizer, counter),
+            processing_class=tokenizer,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )

@@ -1,0 +1,228 @@
+"""Preference training: DPO (with its sigmoid, IPO, hinge and reference-free SimPO losses), KTO and ORPO,
+each run by TRL's own trainer on the studio's LoRA model.
+
+The reference is never a second copy of the model: TRL computes it with the same weights, through a frozen
+copy of the starting adapter (a fresh adapter is zero, so that is the base; a DPO run started from an SFT
+run's adapter compares against that SFT model, as the usual SFT -> DPO pipeline wants).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from studio.core.config import RunConfig
+from studio.data.split import split_indices
+from studio.training.errors import TrainingError
+from studio.training.meter import TokenCounter
+from studio.training.stages.base import COMMON_FORM_FIELDS, StageData, StageName, config_paths
+
+# The batch's masks of the sequences trained on (TRL's collators name them so); a KTO KL pass is not counted.
+_TRAINED_MASKS = ("attention_mask", "chosen_attention_mask", "rejected_attention_mask")
+_COMMON_METRICS = ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "memory_mb", "epoch")
+PREFERENCE_FORM_FIELDS = (*COMMON_FORM_FIELDS, *config_paths("preference"))
+
+
+@dataclass
+class CountingCollator:
+    """The trainer's own collator, counting the real tokens of training batches (not eval ones) for the
+    run's speed."""
+
+    inner: Callable[[list], dict]
+    counter: TokenCounter
+    training: Callable[[], bool]
+
+    def __call__(self, features: list) -> dict:
+        batch = self.inner(features)
+        if self.training():
+            masks = [batch[k] for k in _TRAINED_MASKS if k in batch]
+            self.counter.total += int(sum(int(m.sum()) for m in masks))
+            self.counter.positions += int(sum(m.numel() for m in masks))
+            self.counter.samples += len(features)
+        return batch
+
+
+def preference_rows(items: Sequence[Any]) -> list[dict[str, Any]]:
+    """Pairs or labelled answers as TRL's conversational rows (its trainers apply the chat template)."""
+    return [item.to_trl() for item in items]
+
+
+def load_items(config: RunConfig, home: Path, kind: str) -> list[Any]:
+    """The run's datasets as pairs ('preference') or labelled answers ('kto'; pairs count too, each as its
+    chosen answer labelled good and its rejected one bad). The submit check refuses other data first."""
+    from studio.data import DataError, DatasetRegistry
+    from studio.data.preference import LabeledCompletion, PreferencePair
+
+    registry = DatasetRegistry(home)
+    items: list[Any] = []
+    for name in config.data.datasets:
+        entry = registry.get(name)
+        if entry.format != kind and not (kind == "kto" and entry.format == "preference"):
+            raise DataError(f"Dataset '{name}' is {entry.format} data; stage {config.stage} cannot train on it.")
+        loaded = registry.load_preference(name)
+        loaded = loaded[: config.data.max_samples] if config.data.max_samples else loaded
+        if kind == "kto":
+            loaded = [
+                unpaired
+                for item in loaded
+                for unpaired in (
+                    (
+                        LabeledCompletion(item.prompt, item.chosen, True),
+                        LabeledCompletion(item.prompt, item.rejected, False),
+                    )
+                    if isinstance(item, PreferencePair)
+                    else (item,)
+                )
+            ]
+        items += loaded
+    return items
+
+
+def token_lengths(tokenizer: Any, rows: list[dict[str, Any]]) -> list[int]:
+    """Each row's longest side in tokens (prompt + answer), as its trainer will see it."""
+    lengths = []
+    for row in rows:
+        sides = [row["chosen"], row["rejected"]] if "chosen" in row else [row["completion"]]
+        texts = [tokenizer.apply_chat_template(row["prompt"] + side, tokenize=False) for side in sides]
+        lengths.append(max(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]))
+    return lengths
+
+
+class PreferenceStage:
+    """What DPO, KTO and ORPO share: data from preference datasets, TRL's trainer over the LoRA model."""
+
+    name: StageName
+    data_kind = "preference"  # the dataset format this stage reads
+    metrics = (*_COMMON_METRICS, "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy",
+               "logps_chosen", "logps_rejected", "eval_reward_accuracy", "eval_reward_margin")  # fmt: skip
+    form_fields = PREFERENCE_FORM_FIELDS
+
+    def build_data(self, config: RunConfig, tokenizer: Any, home: Path) -> StageData:
+        rows = preference_rows(load_items(config, home, self.data_kind))
+        if not rows:
+            raise TrainingError(f"The datasets of this {config.stage} run hold no usable rows.")
+        eval_idx, train_idx = split_indices(len(rows), config.data.val_size, config.train.seed)
+        lengths = token_lengths(tokenizer, rows)
+        return StageData(
+            train=[rows[i] for i in train_idx],
+            eval=[rows[i] for i in eval_idx],
+            lengths=lengths,
+            truncated=sum(1 for n in lengths if n > config.data.cutoff_len),
+            packed=False,
+        )
+
+    def describe(self, data: StageData, config: RunConfig) -> str:
+        lengths = sorted(data.lengths)
+        what = "pairs" if self.data_kind == "preference" else "labelled answers"
+        return (
+            f"Data: {len(data.train)} train {what}, {len(data.eval)} eval; tokens per row (prompt + longer answer) "
+            f"median {lengths[len(lengths) // 2]}, max {lengths[-1]}; {data.truncated} of {len(lengths)} over "
+            f"{config.data.cutoff_len}, cut"
+        )
+
+    def arguments(self, config: RunConfig) -> tuple[type, dict[str, Any]]:
+        raise NotImplementedError
+
+    def trainer_class(self) -> type:
+        raise NotImplementedError
+
+    def make_trainer(self, config: RunConfig, *, model: Any, args: Any, data: StageData, tokenizer: Any,
+                     counter: TokenCounter, callbacks: list, optimizers: tuple) -> Any:  # fmt: skip
+        from datasets import Dataset
+
+        trainer = self.trainer_class()(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(data.train),
+            eval_dataset=Dataset.from_list(data.eval) if data.eval else None,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        trainer.data_collator = CountingCollator(trainer.data_collator, counter, lambda: trainer.model.training)
+        return trainer
+
+
+def _lengths(config: RunConfig) -> dict[str, Any]:
+    return {"max_length": config.data.cutoff_len}
+
+
+class DPOStage(PreferenceStage):
+    """Direct preference optimisation on pairs; loss_type 'simpo' runs TRL's CPO trainer with the
+    reference-free SimPO loss instead."""
+
+    name = StageName.DPO
+
+    def arguments(self, config: RunConfig) -> tuple[type, dict[str, Any]]:
+        p = config.preference
+        if p.loss_type == "simpo":
+            from trl.experimental.cpo import CPOConfig
+
+            return CPOConfig, {"loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": p.simpo_gamma,
+                               "beta": p.beta, "label_smoothing": p.label_smoothing, **_lengths(config)}  # fmt: skip
+        from trl import DPOConfig
+
+        # TRL's sigmoid loss ignores label smoothing; its 'robust' loss is the sigmoid one with it (robust DPO).
+        loss = "robust" if p.label_smoothing and p.loss_type == "sigmoid" else p.loss_type
+        return DPOConfig, {
+            "loss_type": [loss],
+            "beta": p.beta,
+            "label_smoothing": p.label_smoothing,
+            **_lengths(config),
+        }
+
+    def trainer_class(self) -> type:
+        from trl import DPOTrainer
+
+        return DPOTrainer
+
+    def make_trainer(self, config: RunConfig, **kwargs: Any) -> Any:
+        if config.preference.loss_type == "simpo":
+            return _SimPO().make_trainer(config, **kwargs)
+        return super().make_trainer(config, **kwargs)
+
+
+class _SimPO(PreferenceStage):
+    def trainer_class(self) -> type:
+        from trl.experimental.cpo import CPOTrainer
+
+        return CPOTrainer
+
+
+class KTOStage(PreferenceStage):
+    """Kahneman-Tversky optimisation on answers labelled good or bad (no pairs needed)."""
+
+    name = StageName.KTO
+    data_kind = "kto"
+    metrics = (*_COMMON_METRICS, "reward_chosen", "reward_rejected", "reward_margin", "kl",
+               "logps_chosen", "logps_rejected")  # fmt: skip
+
+    def arguments(self, config: RunConfig) -> tuple[type, dict[str, Any]]:
+        from trl import KTOConfig
+
+        p = config.preference
+        return KTOConfig, {"beta": p.beta, "desirable_weight": p.desirable_weight,
+                           "undesirable_weight": p.undesirable_weight, **_lengths(config)}  # fmt: skip
+
+    def trainer_class(self) -> type:
+        from trl import KTOTrainer
+
+        return KTOTrainer
+
+
+class ORPOStage(PreferenceStage):
+    """Odds-ratio preference optimisation: SFT on the chosen answer plus an odds-ratio term, no reference."""
+
+    name = StageName.ORPO
+
+    def arguments(self, config: RunConfig) -> tuple[type, dict[str, Any]]:
+        from trl.experimental.orpo import ORPOConfig
+
+        return ORPOConfig, {"beta": config.preference.beta, **_lengths(config)}
+
+    def trainer_class(self) -> type:
+        from trl.experimental.orpo import ORPOTrainer
+
+        return ORPOTrainer
