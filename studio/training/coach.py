@@ -56,6 +56,19 @@ LR_HIGH = 1e-3  # twice the top of the LoRA range: updates overshoot and the los
 OVERFIT_RISES = 2
 OVERFIT_MARGIN = 0.01
 
+# Preference runs. Pairs ranked right at 100% within the first third of the run, with an implicit-reward margin
+# above 5 (odds of e^5 for the chosen answer), are being over-optimised: beta too low or pairs too easy, and
+# the adapter drifts far from the reference for nothing more to learn.
+EASY_ACCURACY = 0.99
+EASY_MARGIN = 5.0
+EASY_SHARE = 1 / 3
+EASY_LOGS = 2
+# Likelihood displacement: the chosen answers' log-probability falling by more than 10% (and 2 nats) between
+# the first and last quarter of the logs, with the rejected ones falling too: the run pushes both down.
+DISPLACED_DROP = 0.10
+DISPLACED_NATS = 2.0
+DISPLACED_MIN_LOGS = 4
+
 # Data. 5% of answers without EOS is enough for a model to learn that answers sometimes go on; at half it
 # mostly will not stop. 10% of samples cut is a real loss of signal (answers lose their ends); half is most.
 EOS_WARN = 0.05
@@ -120,6 +133,15 @@ class Point:
     eval_loss: float | None = None
     grad_norm: float | None = None
     learning_rate: float | None = None
+    reward_margin: float | None = None  # preference stages
+    reward_accuracy: float | None = None
+    logps_chosen: float | None = None
+    logps_rejected: float | None = None
+
+
+_PREFERENCE_FIELDS = ("reward_margin", "reward_accuracy", "logps_chosen", "logps_rejected")
+_LOG_KEYS = {"rewards/margins": "reward_margin", "rewards/accuracies": "reward_accuracy",
+             "logps/chosen": "logps_chosen", "logps/rejected": "logps_rejected"}  # fmt: skip
 
 
 # -- building the inputs ------------------------------------------------------------------------------
@@ -158,6 +180,7 @@ def points_from_log_history(history: Iterable[Mapping[str, Any]]) -> list[Point]
         step = int(entry["step"])
         point = by_step.get(step, Point(step))
         updates = {k: _float(entry[k]) for k in ("loss", "eval_loss", "grad_norm", "learning_rate") if k in entry}
+        updates.update({name: _float(entry[key]) for key, name in _LOG_KEYS.items() if key in entry})
         by_step[step] = dataclasses.replace(point, **updates)
     return [by_step[s] for s in sorted(by_step)]
 
@@ -173,7 +196,8 @@ def points_from_metrics(metrics: Iterable[Any]) -> list[Point]:
         loss = m.loss
         if loss is None and any(getattr(m, k, None) is not None for k in _TRAIN_ONLY):
             loss = math.nan
-        out.append(Point(m.step, loss, m.eval_loss, m.grad_norm, m.learning_rate))
+        preference = {k: getattr(m, k, None) for k in _PREFERENCE_FIELDS}
+        out.append(Point(m.step, loss, m.eval_loss, m.grad_norm, m.learning_rate, **preference))
     return out
 
 
@@ -481,12 +505,71 @@ def data_advice(facts: DataFacts | None, config: RunConfig | None) -> list[Advic
     return _by_severity([a for a in found if a is not None])
 
 
+def pairs_too_easy(points: Sequence[Any], config: RunConfig | None = None) -> Advice | None:
+    """A preference run ranking every pair right, by a wide margin, in its first third: over-optimising."""
+    ranked = [p for p in points if getattr(p, "reward_accuracy", None) is not None]
+    total = config.train.max_steps if config is not None and config.train.max_steps > 0 else None
+    horizon = (total or (ranked[-1].step if ranked else 0)) * EASY_SHARE
+    early = [p for p in ranked if p.step <= horizon]
+    for i in range(len(early) - EASY_LOGS + 1):
+        window = early[i : i + EASY_LOGS]
+        margin = window[-1].reward_margin
+        wide = all(p.reward_margin is not None and p.reward_margin > EASY_MARGIN for p in window)
+        if wide and all(p.reward_accuracy >= EASY_ACCURACY for p in window):
+            beta = config.preference.beta if config is not None else None
+            return Advice(
+                "pairs_too_easy",
+                Severity.WARNING,
+                "Every pair is ranked right already, by a wide margin",
+                f"accuracy {window[-1].reward_accuracy:.0%} with a reward margin of {margin:.1f} at step "
+                f"{window[-1].step}, in the first third of the run"
+                + (f" (beta {beta:g})" if beta is not None else "")
+                + ": the adapter keeps moving away from the reference with nothing left to learn from these pairs.",
+                "Raise preference.beta (0.1 -> 0.3-0.5) to hold the adapter nearer the reference, stop earlier "
+                "(fewer train.max_steps), or use harder pairs (rejected answers close to the chosen ones).",
+                step=window[0].step,
+            )
+    return None
+
+
+def chosen_displaced(points: Sequence[Any], config: RunConfig | None = None) -> Advice | None:
+    """The chosen answers' log-probability falling with the rejected ones': DPO pushing both down."""
+    logged = [p for p in points if _finite(getattr(p, "logps_chosen", None))]
+    logged = [p for p in logged if _finite(p.logps_rejected)]
+    if len(logged) < DISPLACED_MIN_LOGS:
+        return None
+    w = max(1, len(logged) // 4)
+    chosen_start = statistics.fmean(p.logps_chosen for p in logged[:w])
+    chosen_end = statistics.fmean(p.logps_chosen for p in logged[-w:])
+    rejected_start = statistics.fmean(p.logps_rejected for p in logged[:w])
+    rejected_end = statistics.fmean(p.logps_rejected for p in logged[-w:])
+    drop = chosen_start - chosen_end
+    if drop < DISPLACED_NATS or drop < DISPLACED_DROP * abs(chosen_start) or rejected_end >= rejected_start:
+        return None
+    return Advice(
+        "chosen_displaced",
+        Severity.WARNING,
+        "The chosen answers are getting less likely too",
+        f"the log-probability of the chosen answers fell from {chosen_start:.1f} to {chosen_end:.1f} while the "
+        f"rejected ones fell from {rejected_start:.1f} to {rejected_end:.1f}: the margin grows by pushing both "
+        "down, a known DPO failure that makes the answers worse even as the accuracy rises",
+        "Lower train.learning_rate, raise preference.beta, or train an SFT stage on the chosen answers first and "
+        "start from it (preference.start_from); stage orpo keeps an SFT term on the chosen answers.",
+        step=logged[-1].step,
+    )
+
+
 def curve_advice(points: Sequence[Any], config: RunConfig | None, finished: bool = False) -> list[Advice]:
-    """The rules over the curves. A diverged run gets only that: the rest would be its consequences."""
+    """The rules over the curves. A diverged run gets only that: the rest would be its consequences. A
+    preference run's loss starts near 0.69 and reads differently: its own rules replace loss_not_falling."""
     stop = divergence_stop(points)
     if stop is not None:
         return [stop]
-    found = [gradients_exploding(points, config), loss_not_falling(points, config), overfitting(points, finished)]
+    if config is not None and config.stage != "sft":
+        found = [gradients_exploding(points, config), pairs_too_easy(points, config), chosen_displaced(points, config)]
+    else:
+        found = [gradients_exploding(points, config), loss_not_falling(points, config)]
+    found.append(overfitting(points, finished))
     return _by_severity([a for a in found if a is not None])
 
 

@@ -425,3 +425,35 @@ def test_the_callback_says_each_finding_once_and_early_stops():
         "Early stopping at step 50: eval loss has not improved for 2 evaluations (best 0.7 at step 30)",
     ) in sink.events
     assert callback.restore_best() is None  # no model was handed over, so there is nothing to put back
+
+
+# -- preference runs ------------------------------------------------------------------------------
+
+
+def _preference_config(**preference) -> RunConfig:
+    config = RunConfig.from_dict({"stage": "dpo", "train": {"max_steps": 60}, "preference": preference})
+    return config
+
+
+def test_pairs_ranked_right_by_a_wide_margin_early_say_beta_is_too_low():
+    from studio.training.coach import Point, pairs_too_easy
+
+    points = [Point(s, loss=0.1, reward_accuracy=1.0, reward_margin=2.0 * s) for s in range(2, 21, 2)]
+    advice = pairs_too_easy(points, _preference_config(beta=0.05))
+    assert advice is not None and advice.rule == "pairs_too_easy" and "preference.beta" in advice.fix
+    assert "beta 0.05" in advice.detail and advice.step == 4  # margins 6 and 8 at steps 4 and 6: over 5
+    late = [Point(s, loss=0.1, reward_accuracy=1.0 if s > 30 else 0.7, reward_margin=8.0) for s in range(2, 61, 2)]
+    assert pairs_too_easy(late, _preference_config()) is None  # learnt by the end: that is the goal
+    assert pairs_too_easy([Point(s, reward_accuracy=1.0, reward_margin=1.0) for s in range(1, 9)]) is None
+
+
+def test_chosen_log_probs_falling_with_the_rejected_ones_is_named():
+    from studio.training.coach import Point, chosen_displaced, curve_advice
+
+    falling = [Point(s, loss=0.5, logps_chosen=-40.0 - s, logps_rejected=-45.0 - 3 * s) for s in range(1, 13)]
+    advice = chosen_displaced(falling)
+    assert advice is not None and "preference.start_from" in advice.fix and "fell from" in advice.detail
+    held = [Point(s, loss=0.5, logps_chosen=-40.0 + 0.1 * s, logps_rejected=-45.0 - 3 * s) for s in range(1, 13)]
+    assert chosen_displaced(held) is None
+    rules = [a.rule for a in curve_advice(falling, _preference_config())]
+    assert rules == ["chosen_displaced"]  # and not loss_not_falling: a preference loss reads differently
