@@ -47,11 +47,12 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if not runs:
         print("No runs yet. Start one: studio train quick-demo")
         return 0
-    print(f"{'id':44} {'status':11} {'step':>9} {'loss':>8} {'dataset':20} created")
+    print(f"{'id':44} {'stage':5} {'status':11} {'step':>9} {'loss':>8} {'dataset':20} created")
     for r in runs:
         loss = f"{r.final_loss:.4f}" if r.final_loss is not None else "-"
+        stage = str(r.config.get("stage") or "sft")
         print(
-            f"{r.id:44} {r.status.value:11} {f'{r.step}/{r.total_steps}':>9} {loss:>8} "
+            f"{r.id:44} {stage:5} {r.status.value:11} {f'{r.step}/{r.total_steps}':>9} {loss:>8} "
             f"{r.datasets[:20]:20} {iso(r.created_at)}"
         )
     return 0

@@ -302,9 +302,28 @@ def summary_line(run: Run, run_json: dict | None, base: BaseModelInfo, config: d
     loss = (run_json or {}).get("final_loss", run.final_loss)
     loss_text = f", final train loss {_num(loss, 4)}" if _is_finite(loss) else ""
     return (
-        f"A LoRA adapter ({lora}) for **{base.name}**, trained with LoRA Studio on {datasets} "
-        f"for {steps} steps{loss_text}."
+        f"A LoRA adapter ({lora}) for **{base.name}**, trained with LoRA Studio ({stage_text(config)}) on "
+        f"{datasets} for {steps} steps{loss_text}."
     )
+
+
+STAGE_NAMES = {"sft": "supervised fine-tuning", "dpo": "DPO", "kto": "KTO", "orpo": "ORPO"}
+
+
+def stage_text(config: dict) -> str:
+    """'supervised fine-tuning', or 'DPO, sigmoid loss, beta 0.1, from run X' for a preference stage."""
+    stage = _get(config, "stage") or "sft"
+    name = STAGE_NAMES.get(stage, stage)
+    if stage == "sft":
+        return name
+    parts = [name]
+    if stage == "dpo":
+        parts.append(f"{_get(config, 'preference.loss_type') or 'sigmoid'} loss")
+    parts.append(f"beta {_num(_get(config, 'preference.beta'))}")
+    start = _get(config, "preference.start_from")
+    if start:
+        parts.append(f"from run {start}")
+    return ", ".join(parts)
 
 
 def base_section(base: BaseModelInfo) -> str:
@@ -363,6 +382,7 @@ def hyperparameter_section(config: dict) -> str:
     batch, accum = g("train.batch_size"), g("train.grad_accum")
     effective = batch * accum if _is_finite(batch) and _is_finite(accum) else None
     rows = [
+        ("stage", stage_text(config)),
         ("LoRA rank r", _num(r)),
         ("alpha", _num(alpha) + (f" (scale {_num(scale, 3)})" if scale is not None else "")),
         ("dropout", _num(g("lora.dropout"))),

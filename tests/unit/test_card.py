@@ -535,3 +535,12 @@ def test_adapter_export_and_zip_carry_the_card(home, tmp_path):
     assert (result.out_dir / "README.md").read_text() == (Path(run.run_dir) / "adapter" / "README.md").read_text()
     with zipfile.ZipFile(zip_folder(result.out_dir, tmp_path / "out.zip")) as zf:
         assert {"README.md", "card/loss.svg", "card/learning_rate.svg"} <= set(zf.namelist())
+
+
+def test_the_card_names_the_stage():
+    from studio.reports.card import stage_text
+
+    assert stage_text({}) == "supervised fine-tuning"
+    dpo = {"stage": "dpo", "preference": {"loss_type": "ipo", "beta": 0.2, "start_from": "sft-1"}}
+    assert stage_text(dpo) == "DPO, ipo loss, beta 0.2, from run sft-1"
+    assert stage_text({"stage": "kto", "preference": {"beta": 0.1}}) == "KTO, beta 0.1"
