@@ -381,6 +381,14 @@ def load_items(shapes: ModelShapes, run: RunConfig, device: str) -> tuple[Item, 
     )
 
 
+PAIRED_STAGES = ("dpo", "orpo")  # stages that run chosen and rejected answers side by side
+
+
+def reference_pass(run: RunConfig) -> bool:
+    """Whether the stage computes reference log-probs: DPO (not SimPO, which is reference-free) and KTO."""
+    return (run.stage == "dpo" and run.preference.loss_type != "simpo") or run.stage == "kto"
+
+
 def plan_memory(
     model_config: Any,
     run_config: RunConfig,
@@ -395,7 +403,9 @@ def plan_memory(
         raise PlanError(problems)
     run = run_config
     batch, cutoff = run.train.batch_size, run.data.cutoff_len
-    tokens = batch * cutoff
+    # DPO and ORPO put each pair's chosen and rejected answer through the model in one batch: twice the rows.
+    sides = 2 if run.stage in PAIRED_STAGES else 1
+    tokens = batch * cutoff * sides
     b = DTYPE_BYTES[run.train.compute_type]
     trainable = lora_param_count(shapes.linears, run.lora)
 
@@ -408,7 +418,8 @@ def plan_memory(
         acts_why = f"checkpointing: {shapes.layers} layer inputs + one layer recomputed ({per_layer:,} B/token)"
     else:
         acts = tokens * shapes.layers * per_layer
-        acts_why = f"{batch} x {cutoff} tokens x {shapes.layers} layers x {per_layer:,} B (saved for backward)"
+        rows = f"{batch} x 2 (chosen, rejected)" if sides == 2 else f"{batch}"
+        acts_why = f"{rows} x {cutoff} tokens x {shapes.layers} layers x {per_layer:,} B (saved for backward)"
     # The loss upcasts the logits to fp32, log-softmax keeps its fp32 output, backward adds an fp32 gradient.
     logit_width = b + (4 if b != 4 else 0) + 4 + 4
     logits = tokens * shapes.vocab * logit_width
@@ -422,6 +433,12 @@ def plan_memory(
         Item("activations", int(acts), acts_why),
         Item("logits and loss", int(logits), f"{tokens:,} tokens x vocab {shapes.vocab:,} x {logit_width} B"),
     ]
+    if reference_pass(run):
+        # The reference log-probs: the same weights without gradients (adapter off or its frozen copy), run
+        # while the policy's activations are held; its logits and their fp32 log-softmax live until reduced.
+        items.append(
+            Item("reference pass", int(tokens * shapes.vocab * (b + 4)), "logits of the no-grad reference forward")
+        )
     if run.quant.mode != "none" and b != 4:
         # peft upcasts the LM head to fp32; under autocast its matmul keeps a compute-dtype copy for backward.
         head = sum(x.out_features * x.in_features for x in shapes.linears if x.output_layer)

@@ -281,3 +281,26 @@ def test_allocator_caveat_only_for_cpu_under_glibc():
     assert allocator_caveat("cuda", "system") is None
     assert allocator_caveat("cpu", "tcmalloc") is None
     assert "libtcmalloc-minimal4" in allocator_caveat("cpu", "system")
+
+
+# -- preference stages ----------------------------------------------------------------------------
+
+
+def test_preference_stages_double_the_rows_and_add_the_reference_pass(llama8b):
+    sft = plan(llama8b, run())
+    items = {i.name: i.bytes for i in sft.items}
+    dpo_cfg = with_(run(), "data", cutoff_len=1024)
+    dpo_cfg.stage = "dpo"
+    dpo = {i.name: i for i in plan(llama8b, dpo_cfg).items}
+    assert dpo["activations"].bytes == 2 * items["activations"]
+    assert dpo["logits and loss"].bytes == 2 * items["logits and loss"]
+    assert dpo["reference pass"].bytes > 0 and "reference pass" not in items
+    assert dpo["base weights"].bytes == items["base weights"]  # the reference is no second copy of the model
+    dpo_cfg.preference.loss_type = "simpo"  # reference-free
+    assert "reference pass" not in {i.name for i in plan(llama8b, dpo_cfg).items}
+    dpo_cfg.stage, dpo_cfg.preference.loss_type = "orpo", "sigmoid"
+    assert "reference pass" not in {i.name for i in plan(llama8b, dpo_cfg).items}
+    kto_cfg = run()
+    kto_cfg.stage = "kto"
+    kto = {i.name: i.bytes for i in plan(llama8b, kto_cfg).items}
+    assert kto["activations"] == items["activations"] and kto["reference pass"] > 0
