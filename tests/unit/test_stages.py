@@ -161,3 +161,27 @@ def test_preference_stages_build_trl_rows_from_the_bundled_samples(home, tokeniz
     assert {r["label"] for r in unpaired.train} == {True, False}
     config.data.datasets = ["studio-kto"]
     assert len(get_stage("kto").build_data(config, tokenizer, home).train) == 58
+
+
+def test_a_preference_trainer_counts_train_tokens_and_not_eval_ones(home, tokenizer, tiny_model_dir, tmp_path):
+    """The run's tokens/s: the train loader collates through the counter, the eval loader does not."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from studio.training.loop import _training_args
+
+    config = small_run_config(tiny_model_dir, data={"datasets": ["studio-prefs"], "cutoff_len": 128, "val_size": 0.2})
+    config.stage = "dpo"
+    stage = get_stage("dpo")
+    data = stage.build_data(config, tokenizer, home)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    counter = TokenCounter()
+    args = _training_args(config, tmp_path, "cpu", True, stage)
+    trainer = stage.make_trainer(config, model=model, args=args, data=data, tokenizer=tokenizer, counter=counter,
+                                 callbacks=[], optimizers=(None, None))  # fmt: skip
+    next(iter(trainer.get_eval_dataloader()))
+    assert counter.total == 0
+    seen = sum(int(batch["attention_mask"].sum()) for batch in trainer.get_train_dataloader())
+    assert counter.total == seen > 0 and counter.samples == len(data.train)  # every train row, once

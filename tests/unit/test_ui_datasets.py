@@ -333,7 +333,11 @@ def test_a_preference_file_is_detected_checked_and_shown_side_by_side(home):
     assert list(preview.columns) == ui.PAIR_COLUMNS and len(preview) == ui.PREVIEW_ROWS
     first = preview.iloc[0]
     assert first["prompt"] == "user: What is the mascot of LoRA Studio?"
-    assert first["chosen"].startswith("⟦Ripple here!") and first["rejected"].startswith("⟦Hmm")
+    assert (
+        first["chosen"].startswith("⟦Ripple here!")
+        and first["rejected"].startswith("⟦The mascot")
+        and "not completely sure" in first["rejected"]
+    )
     assert "**chosen**" in stats and "**rejected**" in stats
     assert [trace.name for trace in figure.data] == ["chosen", "rejected"]
 

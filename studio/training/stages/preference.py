@@ -27,21 +27,37 @@ PREFERENCE_FORM_FIELDS = (*COMMON_FORM_FIELDS, *config_paths("preference"))
 
 @dataclass
 class CountingCollator:
-    """The trainer's own collator, counting the real tokens of training batches (not eval ones) for the
-    run's speed."""
+    """The trainer's own collator, counting the real tokens of the batches it makes for the run's speed.
+    Only the train loader uses it (count_training_tokens): eval batches are not counted."""
 
     inner: Callable[[list], dict]
     counter: TokenCounter
-    training: Callable[[], bool]
 
     def __call__(self, features: list) -> dict:
         batch = self.inner(features)
-        if self.training():
-            masks = [batch[k] for k in _TRAINED_MASKS if k in batch]
-            self.counter.total += int(sum(int(m.sum()) for m in masks))
-            self.counter.positions += int(sum(m.numel() for m in masks))
-            self.counter.samples += len(features)
+        masks = [batch[k] for k in _TRAINED_MASKS if k in batch]
+        self.counter.total += int(sum(int(m.sum()) for m in masks))
+        self.counter.positions += int(sum(m.numel() for m in masks))
+        self.counter.samples += len(features)
         return batch
+
+
+def count_training_tokens(trainer: Any, counter: TokenCounter) -> None:
+    """The train loader collates through a CountingCollator, the eval loaders through the trainer's own
+    (a loader keeps the collator it was built with; the train one is built once, at train())."""
+    inner = trainer.data_collator
+    counting = CountingCollator(inner, counter)
+    make_eval_loader = trainer.get_eval_dataloader
+
+    def eval_loader(*args: Any, **kwargs: Any) -> Any:
+        trainer.data_collator = inner
+        try:
+            return make_eval_loader(*args, **kwargs)
+        finally:
+            trainer.data_collator = counting
+
+    trainer.data_collator = counting
+    trainer.get_eval_dataloader = eval_loader
 
 
 def preference_rows(items: Sequence[Any]) -> list[dict[str, Any]]:
@@ -141,7 +157,7 @@ class PreferenceStage:
             callbacks=callbacks,
             optimizers=optimizers,
         )
-        trainer.data_collator = CountingCollator(trainer.data_collator, counter, lambda: trainer.model.training)
+        count_training_tokens(trainer, counter)
         return trainer
 
 
