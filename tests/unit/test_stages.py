@@ -4,6 +4,7 @@ fields are config paths, its metrics are the store's, its data and collator are 
 from __future__ import annotations
 
 import dataclasses
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -159,6 +160,8 @@ def test_preference_stages_build_trl_rows_from_the_bundled_samples(home, tokeniz
     unpaired = get_stage("kto").build_data(config, tokenizer, home)
     assert len(unpaired.train) + len(unpaired.eval) == 144
     assert {r["label"] for r in unpaired.train} == {True, False}
+    prompts = [{json.dumps(r["prompt"]) for r in rows} for rows in (unpaired.train, unpaired.eval)]
+    assert not prompts[0] & prompts[1]  # a pair's two answers stay on one side of the split
     config.data.datasets = ["studio-kto"]
     assert len(get_stage("kto").build_data(config, tokenizer, home).train) == 58
 

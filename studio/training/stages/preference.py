@@ -66,10 +66,9 @@ def preference_rows(items: Sequence[Any]) -> list[dict[str, Any]]:
 
 
 def load_items(config: RunConfig, home: Path, kind: str) -> list[Any]:
-    """The run's datasets as pairs ('preference') or labelled answers ('kto'; pairs count too, each as its
-    chosen answer labelled good and its rejected one bad). The submit check refuses other data first."""
+    """The run's datasets as pairs ('preference') or labelled answers ('kto'; pairs count too, see
+    `unpaired`). The submit check refuses other data first."""
     from studio.data import DataError, DatasetRegistry
-    from studio.data.preference import LabeledCompletion, PreferencePair
 
     registry = DatasetRegistry(home)
     items: list[Any] = []
@@ -78,22 +77,24 @@ def load_items(config: RunConfig, home: Path, kind: str) -> list[Any]:
         if entry.format != kind and not (kind == "kto" and entry.format == "preference"):
             raise DataError(f"Dataset '{name}' is {entry.format} data; stage {config.stage} cannot train on it.")
         loaded = registry.load_preference(name)
-        loaded = loaded[: config.data.max_samples] if config.data.max_samples else loaded
-        if kind == "kto":
-            loaded = [
-                unpaired
-                for item in loaded
-                for unpaired in (
-                    (
-                        LabeledCompletion(item.prompt, item.chosen, True),
-                        LabeledCompletion(item.prompt, item.rejected, False),
-                    )
-                    if isinstance(item, PreferencePair)
-                    else (item,)
-                )
-            ]
-        items += loaded
+        items += loaded[: config.data.max_samples] if config.data.max_samples else loaded
     return items
+
+
+def unpaired(items: Sequence[Any]) -> list[Any]:
+    """KTO's labelled answers: a pair gives its chosen answer labelled good and its rejected one bad."""
+    from studio.data.preference import LabeledCompletion, PreferencePair
+
+    out: list[Any] = []
+    for item in items:
+        if isinstance(item, PreferencePair):
+            out += [
+                LabeledCompletion(item.prompt, item.chosen, True),
+                LabeledCompletion(item.prompt, item.rejected, False),
+            ]
+        else:
+            out.append(item)
+    return out
 
 
 def token_lengths(tokenizer: Any, rows: list[dict[str, Any]]) -> list[int]:
@@ -116,14 +117,17 @@ class PreferenceStage:
     form_fields = PREFERENCE_FORM_FIELDS
 
     def build_data(self, config: RunConfig, tokenizer: Any, home: Path) -> StageData:
-        rows = preference_rows(load_items(config, home, self.data_kind))
-        if not rows:
+        items = load_items(config, home, self.data_kind)
+        if not items:
             raise TrainingError(f"The datasets of this {config.stage} run hold no usable rows.")
-        eval_idx, train_idx = split_indices(len(rows), config.data.val_size, config.train.seed)
-        lengths = token_lengths(tokenizer, rows)
+        # Split before unpairing (KTO), so both answers of a pair land on the same side of the split.
+        eval_idx, train_idx = split_indices(len(items), config.data.val_size, config.train.seed)
+        train = preference_rows(self.rows_of([items[i] for i in train_idx]))
+        held_out = preference_rows(self.rows_of([items[i] for i in eval_idx]))
+        lengths = token_lengths(tokenizer, [*train, *held_out])
         return StageData(
-            train=[rows[i] for i in train_idx],
-            eval=[rows[i] for i in eval_idx],
+            train=train,
+            eval=held_out,
             lengths=lengths,
             truncated=sum(1 for n in lengths if n > config.data.cutoff_len),
             packed=False,
@@ -137,6 +141,10 @@ class PreferenceStage:
             f"median {lengths[len(lengths) // 2]}, max {lengths[-1]}; {data.truncated} of {len(lengths)} over "
             f"{config.data.cutoff_len}, cut"
         )
+
+    def rows_of(self, items: list[Any]) -> list[Any]:
+        """The items this stage trains on (KTO unpairs pairs)."""
+        return items
 
     def arguments(self, config: RunConfig) -> tuple[type, dict[str, Any]]:
         raise NotImplementedError
@@ -212,6 +220,10 @@ class KTOStage(PreferenceStage):
 
     name = StageName.KTO
     data_kind = "kto"
+
+    def rows_of(self, items: list[Any]) -> list[Any]:
+        return unpaired(items)
+
     metrics = (*_COMMON_METRICS, "reward_chosen", "reward_rejected", "reward_margin", "kl",
                "logps_chosen", "logps_rejected")  # fmt: skip
 
