@@ -108,9 +108,9 @@ def cmd_datasets(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps([e.to_dict() for e in entries], indent=2))
             return 0
-        print(f"{'name':24} {'format':9} {'rows':>6}  source")
+        print(f"{'name':24} {'format':10} {'rows':>6}  source")
         for e in entries:
-            print(f"{e.name:24} {e.format:9} {e.rows:>6}  {'(bundled) ' if e.bundled else ''}{e.source}")
+            print(f"{e.name:24} {e.format:10} {e.rows:>6}  {'(bundled) ' if e.bundled else ''}{e.source}")
         return 0
     if args.action == "show":
         entry = registry.get(args.name)
