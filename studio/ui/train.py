@@ -1084,6 +1084,12 @@ def watch_outputs(ctx: UIContext, run_id: str | None, last: str | None, n_plots:
     return view.status, view.progress, *_skip_none(*figures, view.log, view.coach), view.signature
 
 
+def start_from_update(ctx: UIContext, current: str | None) -> dict:
+    """The runs a preference run can start from, newest first (the current pick kept)."""
+    ids = finished_run_ids(ctx)
+    return gr.update(choices=["", *ids, *([current] if current and current not in ids else [])])
+
+
 def lists_update(ctx: UIContext, run_id: str | None, current: Sequence[str] | None) -> tuple:
     """On page load and tab selection: the registered datasets (the chosen ones kept) and the runs."""
     datasets = gr.update(choices=sorted(set(_dataset_names(ctx)) | set(current or [])))
@@ -1333,10 +1339,16 @@ def _wire_watch_and_load(ctx: UIContext, page: TrainPage, tab: gr.Tab | None) ->
     lists_inputs, lists_outputs = [page.run, page.w["data.datasets"]], [page.w["data.datasets"], page.run]
     Context.root_block.load(on_load, lists_inputs, lists_outputs, api_name=False)
     _then_views(page, Context.root_block.load(refresh_model, page.model_inputs, page.model_outputs, api_name=False))
+    start_from = page.w["preference.start_from"]
+
+    def on_start_from(current):
+        return start_from_update(ctx, current)
+
     if tab is not None:
         # New datasets registered in the Datasets tab and runs started from the CLI appear on selection.
         tab.select(on_load, lists_inputs, lists_outputs, api_name=False)
         tab.select(refresh_model, page.model_inputs, page.model_outputs, api_name=False)
+        tab.select(on_start_from, start_from, start_from, api_name=False)
 
 
 def build(ctx: UIContext, tab: gr.Tab | None = None) -> None:

@@ -443,3 +443,7 @@ def test_a_dpo_run_starts_from_the_form_and_a_wrong_dataset_is_named(ctx):
     config = ctx.jobs.store.get_run(run_id).config
     assert config["stage"] == "dpo" and config["preference"]["beta"] == 0.2
     assert T.finished_run_ids(ctx) == []  # queued, not finished: nothing to start from yet
+    assert T.start_from_update(ctx, "old-run")["choices"] == ["", "old-run"]
+    ctx.jobs.store.transition(run_id, RunStatus.RUNNING)
+    ctx.jobs.store.transition(run_id, RunStatus.COMPLETED, adapter_dir="/somewhere/adapter")
+    assert T.start_from_update(ctx, "")["choices"] == ["", run_id]
