@@ -454,15 +454,18 @@ _EVAL_ROWS = (
     ("exact match", ("generation", "exact_match"), False),
     ("chrF", ("generation", "chrf"), False),
     ("ROUGE-L", ("generation", "rouge_l"), False),
+    ("preference accuracy", ("preference", "accuracy"), False),
+    ("preference margin (nats)", ("preference", "margin"), False),
 )
 
 
 def eval_value(report: dict, key: tuple[str, ...], side: str) -> float | None:
     """report["loss"]["base"] or report["generation"]["base"]["chrf"]; None when absent or not a number."""
     node: Any = report.get(key[0])
-    node = node.get(side) if isinstance(node, dict) else None
-    if len(key) > 1:
-        node = node.get(key[1]) if isinstance(node, dict) else None
+    # generation keeps the side above the metric; preference (like loss) below it
+    path = (key[1], side) if key[0] == "preference" else (side, *key[1:])
+    for part in path:
+        node = node.get(part) if isinstance(node, dict) else None
     return float(node) if _is_finite(node) else None
 
 

@@ -109,6 +109,16 @@ class Generation:
 
 
 @dataclass
+class PreferenceScores:
+    """On held-out pairs, the model's own ranking: the share of pairs whose chosen answer it finds more
+    likely than the rejected one (summed log-probability of the answer tokens), and the mean difference."""
+
+    pairs: int
+    accuracy: Pair  # 0-1
+    margin: Pair  # nats: mean of log p(chosen) - log p(rejected)
+
+
+@dataclass
 class EvalExample:
     prompt: str
     reference: str
@@ -126,6 +136,7 @@ class EvalReport:
     perplexity: Pair  # exp(loss)
     generation: Generation
     examples: list[EvalExample]
+    preference: PreferenceScores | None = None  # runs on preference data (stage dpo, orpo; pairs)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)  # field order and nesting are the file schema
@@ -148,9 +159,16 @@ class EvalReport:
                     adapter=Scores(**gen["adapter"]),
                 ),
                 examples=[EvalExample(**e) for e in data["examples"]],
+                preference=_preference_from_dict(data.get("preference")),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise EvalError(f"Not an evaluation report ({type(err).__name__}: {err}). Evaluate the run again.") from err
+
+
+def _preference_from_dict(data: dict[str, Any] | None) -> PreferenceScores | None:
+    if not data:
+        return None
+    return PreferenceScores(int(data["pairs"]), Pair(**data["accuracy"]), Pair(**data["margin"]))
 
 
 def write_report(report: EvalReport, run_dir: str | Path) -> Path:
@@ -194,6 +212,12 @@ def summary_table(report: EvalReport) -> list[dict[str, Any]]:
         ("chrF (0-100)", g.base.chrf, g.adapter.chrf),
         ("ROUGE-L F1 (0-1)", g.base.rouge_l, g.adapter.rouge_l),
     ]
+    if report.preference is not None:
+        pref = report.preference
+        pairs += [
+            ("preference accuracy (0-1)", pref.accuracy.base, pref.accuracy.adapter),
+            ("preference margin (nats)", pref.margin.base, pref.margin.adapter),
+        ]
     return [
         {"metric": name, "base": round(b, 4), "adapter": round(a, 4), "change": _change(b, a)} for name, b, a in pairs
     ]
@@ -408,11 +432,67 @@ class EvalData:
     loss_samples: list[Sample]
     cases: list[GenCase]
     note: str | None = None  # a caveat the user should see (scoring rows the run trained on)
+    pairs: list[Any] = field(default_factory=list)  # held-out preference pairs, ranked by base and adapter
+
+
+def preference_items(target: Target, home: Path) -> list[Any] | None:
+    """The pairs or labelled answers to score when the data is preference data (the run's held-out rows,
+    split as training split them, or a registered preference dataset); None for instruction data."""
+    from studio.data import DatasetRegistry
+    from studio.data.preference import PREFERENCE_FORMATS
+    from studio.data.split import split_indices
+    from studio.training.stages.preference import load_items
+
+    config = target.config
+    if target.dataset != VALIDATION:
+        registry = DatasetRegistry(home)
+        if registry.get(target.dataset).format not in PREFERENCE_FORMATS:
+            return None
+        return registry.load_preference(target.dataset)
+    if config.stage == "sft":
+        return None
+    items = load_items(config, home, "kto" if config.stage == "kto" else "preference")
+    eval_idx, _ = split_indices(len(items), config.data.val_size, config.train.seed)
+    return [items[i] for i in eval_idx]
+
+
+def preference_data(items: list[Any], target: Target, spec: EvalSpec, tokenizer, note: str | None) -> EvalData:
+    """Preference rows scored like instruction data on their good answers (loss, generations against the
+    chosen answer as reference), and their pairs ranked by base and adapter."""
+    from studio.data import Message
+    from studio.data.preference import PreferencePair
+
+    config = target.config
+    good = [
+        Example(messages=(*i.prompt, Message("assistant", i.chosen if isinstance(i, PreferencePair) else i.completion)))
+        for i in items
+        if isinstance(i, PreferencePair) or i.desirable
+    ]
+    picked = (good[i] for i in spread(len(good), spec.max_samples))
+    built = (build_sample(tokenizer, ex, config.data.cutoff_len) for ex in picked)
+    loss_samples = [s for s in built if s.trained_tokens]
+    cases = [c for c in (generation_case(good[i]) for i in spread(len(good), spec.gen_samples)) if c]
+    if not loss_samples or not cases:
+        raise EvalError(f"No pair of {target.dataset} has a good answer left within cutoff_len to score.")
+    pairs = [i for i in items if isinstance(i, PreferencePair)][: spec.max_samples]
+    return EvalData(loss_samples, cases, note, pairs)
 
 
 def select_data(target: Target, spec: EvalSpec, tokenizer, home: Path) -> EvalData:
     """The samples scored for loss and the prompts answered, tokenized exactly as the run tokenized."""
     config = target.config
+    trained_on = target.dataset != VALIDATION and target.dataset in config.data.datasets
+    note = (
+        f"'{target.dataset}' is one of the run's training datasets: these scores include rows it trained on."
+        if trained_on
+        else None
+    )
+    try:
+        items = preference_items(target, home)
+    except DataError as err:
+        raise EvalError(f"The preference rows of {target.dataset} cannot be read: {err}") from err
+    if items is not None:
+        return preference_data(items, target, spec, tokenizer, note)
     if target.dataset == VALIDATION:
         from studio.training.stages.sft import TrainingError, split_data
 
@@ -430,11 +510,6 @@ def select_data(target: Target, spec: EvalSpec, tokenizer, home: Path) -> EvalDa
         picked = (examples[i] for i in spread(len(examples), spec.max_samples))
         built = (build_sample(tokenizer, ex, config.data.cutoff_len, config.data.train_on_prompt) for ex in picked)
         loss_samples = [s for s in built if s.trained_tokens]  # an answer cut off entirely has nothing to score
-        note = (
-            f"'{target.dataset}' is one of the run's training datasets: these scores include rows it trained on."
-            if target.dataset in config.data.datasets
-            else None
-        )
     if not loss_samples:
         raise EvalError(
             f"No sample of {target.dataset} has an answer token left within cutoff_len "
@@ -509,6 +584,49 @@ def summed_loss(model, samples: Sequence[Sample], pad_id: int, device: str) -> t
             reduction="sum",
         )
     return float(total), int((targets != IGNORE_INDEX).sum())
+
+
+def row_logprobs(model, samples: Sequence[Sample], pad_id: int, device: str) -> list[float]:
+    """Each sample's summed log-probability of its trained (answer) tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    width = max(len(s.input_ids) for s in samples)
+    ids = torch.tensor(_pad_right([s.input_ids for s in samples], pad_id, width), device=device)
+    labels = torch.tensor(_pad_right([s.labels for s in samples], IGNORE_INDEX, width), device=device)
+    mask = torch.tensor([[1] * len(s.input_ids) + [0] * (width - len(s.input_ids)) for s in samples], device=device)
+    with torch.inference_mode():
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        losses = F.cross_entropy(
+            logits.transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
+        )  # (rows, positions), 0 where ignored
+    return [-float(row.sum()) for row in losses]
+
+
+def preference_scores(model, tokenizer, pairs: Sequence[Any], cutoff: int, device: str) -> PreferenceScores:
+    """Base (adapter off) and adapter ranking of each pair: log p(chosen) against log p(rejected)."""
+    from studio.data import Message
+
+    def samples(side: str) -> list[Sample]:
+        return [
+            build_sample(tokenizer, Example(messages=(*p.prompt, Message("assistant", getattr(p, side)))), cutoff)
+            for p in pairs
+        ]
+
+    chosen, rejected = samples("chosen"), samples("rejected")
+
+    def ranked() -> tuple[float, float]:
+        margins: list[float] = []
+        for start in range(0, len(pairs), 4):  # 4 pairs (8 rows) a forward: bounded logits memory
+            c = row_logprobs(model, chosen[start : start + 4], tokenizer.pad_token_id, device)
+            r = row_logprobs(model, rejected[start : start + 4], tokenizer.pad_token_id, device)
+            margins += [a - b for a, b in zip(c, r, strict=True)]
+        return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)
+
+    adapter = ranked()
+    with model.disable_adapter():
+        base = ranked()
+    return PreferenceScores(len(pairs), Pair(base[0], adapter[0]), Pair(base[1], adapter[1]))
 
 
 def mean_losses(model, samples: Sequence[Sample], pad_id: int, device: str) -> Pair:
@@ -614,6 +732,10 @@ def evaluate_run(spec: EvalSpec, home: Path, progress: Callable[[str], None] | N
     say(f"Generating {len(prompts)} answers with the adapter")
     tuned_out = generate_answers(model, tokenizer, prompts, spec.max_new_tokens, device, use_adapter=True)
     references = [case.reference for case in data.cases]
+    preference = None
+    if data.pairs:
+        say(f"Ranking {len(data.pairs)} held-out pairs (chosen vs rejected), base and adapter")
+        preference = preference_scores(model, tokenizer, data.pairs, target.config.data.cutoff_len, device)
     report = EvalReport(
         run_id=target.run.id,
         dataset=target.dataset,
@@ -631,6 +753,7 @@ def evaluate_run(spec: EvalSpec, home: Path, progress: Callable[[str], None] | N
             EvalExample(case.shown, case.reference, b, a)
             for case, b, a in zip(data.cases, base_out, tuned_out, strict=True)
         ],
+        preference=preference,
     )
     path = write_report(report, target.run.run_dir)
     say(f"Report saved to {path}")

@@ -61,3 +61,32 @@ def test_each_stage_trains_logs_its_metrics_and_saves_one_adapter(
     adapter = Path(result.adapter_dir)
     assert PeftConfig.from_pretrained(adapter).r == 4 and not (adapter / "ref").exists()
     assert any(e.startswith("Data: 58 train") for e in sink.events)
+
+
+def test_evaluate_ranks_the_held_out_pairs_with_and_without_the_adapter(home, tiny_model_dir):
+    """A finished DPO run's evaluation: loss and generations on the chosen answers, and the held-out pairs
+    ranked by the base (adapter off) and by the adapter; the report and its summary carry both."""
+    from studio.core.store import RunStatus, Store
+    from studio.core.workspace import RunDir, db_path
+    from studio.reports.evaluate import EvalSpec, evaluate_run, summary_table
+
+    data = {"datasets": ["studio-prefs"], "cutoff_len": 128, "val_size": 0.2}
+    config = small_run_config(tiny_model_dir, data=data, train={"max_steps": 4, "eval_steps": 4, "learning_rate": 5e-3})
+    config.stage = "dpo"
+    store = Store(db_path(home))
+    run_dir = home / "runs" / "dpo-1"
+    store.create_run("dpo-1", "dpo", config.to_dict(), str(run_dir))
+    run_dir.mkdir(parents=True)
+    config.save(RunDir(run_dir).config)
+    store.transition("dpo-1", RunStatus.RUNNING)
+    result = run_training(config, run_dir, Sink(), home=home)
+    store.transition("dpo-1", RunStatus.COMPLETED, adapter_dir=result.adapter_dir)
+
+    report = evaluate_run(EvalSpec("dpo-1", max_samples=14, gen_samples=2, max_new_tokens=8), home)
+    pref = report.preference
+    assert pref is not None and pref.pairs == 14  # the run's own held-out pairs (a fifth of 72)
+    assert 0 <= pref.accuracy.base <= 1 and 0 <= pref.accuracy.adapter <= 1
+    assert pref.margin.adapter > pref.margin.base  # DPO moved the held-out margin the chosen way
+    assert report.generation.prompts == 2 and report.samples > 0
+    metrics = [row["metric"] for row in summary_table(report)]
+    assert metrics[-2:] == ["preference accuracy (0-1)", "preference margin (nats)"]

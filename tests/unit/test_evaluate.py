@@ -138,8 +138,9 @@ def test_report_file_has_exactly_the_schema_and_round_trips(tmp_path):
     assert path.parent == tmp_path / "eval" and path.name == "20231114T221320Z.json"
     data = json.loads(path.read_text())
     assert list(data) == [
-        "run_id", "dataset", "samples", "created_at", "loss", "perplexity", "generation", "examples",
+        "run_id", "dataset", "samples", "created_at", "loss", "perplexity", "generation", "examples", "preference",
     ]  # fmt: skip
+    assert data["preference"] is None  # instruction data: no pairs to rank
     assert data["loss"] == {"base": 2.5, "adapter": 0.25} and set(data["perplexity"]) == {"base", "adapter"}
     assert list(data["generation"]) == ["prompts", "max_new_tokens", "base", "adapter"]
     assert list(data["generation"]["adapter"]) == ["exact_match", "chrf", "rouge_l"]
@@ -153,6 +154,19 @@ def test_report_file_has_exactly_the_schema_and_round_trips(tmp_path):
     assert again.name == "20231114T221320Z-2.json" and path.is_file()
     assert E.load_latest(tmp_path).run_id == "r1-again"
     assert not [p for p in (tmp_path / "eval").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_preference_report_round_trips_and_adds_its_rows_to_the_summary(tmp_path):
+    report = make_report()
+    report.preference = E.PreferenceScores(14, E.Pair(0.5, 0.93), E.Pair(-1.2, 30.5))
+    again = E.EvalReport.from_dict(json.loads(json.dumps(report.to_dict())))
+    assert again == report
+    rows = {r["metric"]: r for r in E.summary_table(report)}
+    assert rows["preference accuracy (0-1)"]["change"] == 0.43 and rows["preference margin (nats)"]["adapter"] == 30.5
+    from studio.reports.card import evaluation_section
+
+    section = evaluation_section(report.to_dict())
+    assert "| preference accuracy ↑ | 0.5000 | 0.9300 | +0.43 (better) |" in section
 
 
 def test_load_latest_none_when_never_evaluated_and_clear_when_damaged(tmp_path):
