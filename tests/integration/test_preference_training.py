@@ -101,3 +101,13 @@ def test_on_a_held_out_prompt_the_model_moves_towards_the_chosen_style(dpo):
     with model.disable_adapter():
         before = margin()
     assert tuned > before + 5, (before, tuned)  # nats: the held-out preference moved clearly
+
+
+def test_evaluate_reports_the_held_out_preference_with_and_without_the_adapter(dpo):
+    from studio.reports.evaluate import EvalSpec, evaluate_run
+
+    report = evaluate_run(EvalSpec(dpo["run"].id, max_samples=14, gen_samples=2, max_new_tokens=24), dpo["home"])
+    pref = report.preference
+    assert pref is not None and pref.pairs == 14
+    assert pref.accuracy.adapter >= max(0.8, pref.accuracy.base), pref
+    assert pref.margin.adapter > pref.margin.base + 5, pref  # nats, mean over the held-out pairs
