@@ -139,3 +139,9 @@ def test_export_json_errors_are_a_line_too_with_the_usual_exit_code(tmp_path, ca
     assert main(["export", str(tmp_path), "--adapter", str(tmp_path / "o"), "--json"]) == 1
     last = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert last["type"] == "error" and last["code"] == 1 and "holds no adapter" in last["message"]
+
+
+def test_a_stage_and_its_settings_come_from_set_overrides():
+    config = load_run_config("quick-demo", ["stage=dpo", "preference.beta=0.2", "data.datasets=[studio-prefs]"])
+    assert (config.stage, config.preference.beta, config.data.datasets) == ("dpo", 0.2, ["studio-prefs"])
+    assert load_run_config("quick-dpo", []).stage == "dpo"
