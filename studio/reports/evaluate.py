@@ -440,8 +440,8 @@ def preference_items(target: Target, home: Path) -> list[Any] | None:
     split as training split them, or a registered preference dataset); None for instruction data."""
     from studio.data import DatasetRegistry
     from studio.data.preference import PREFERENCE_FORMATS
-    from studio.data.split import split_indices
-    from studio.training.stages.preference import load_items
+    from studio.training.stages import get_stage
+    from studio.training.stages.preference import split_items
 
     config = target.config
     if target.dataset != VALIDATION:
@@ -451,9 +451,7 @@ def preference_items(target: Target, home: Path) -> list[Any] | None:
         return registry.load_preference(target.dataset)
     if config.stage == "sft":
         return None
-    items = load_items(config, home, "kto" if config.stage == "kto" else "preference")
-    eval_idx, _ = split_indices(len(items), config.data.val_size, config.train.seed)
-    return [items[i] for i in eval_idx]
+    return split_items(config, home, get_stage(config.stage).data_kind)[1]  # the rows the run held out
 
 
 def preference_data(items: list[Any], target: Target, spec: EvalSpec, tokenizer, note: str | None) -> EvalData:

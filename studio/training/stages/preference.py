@@ -81,6 +81,14 @@ def load_items(config: RunConfig, home: Path, kind: str) -> list[Any]:
     return items
 
 
+def split_items(config: RunConfig, home: Path, kind: str) -> tuple[list[Any], list[Any]]:
+    """(train, held-out) items, split as every preference run and its evaluation split them: on the
+    items themselves, before KTO unpairs pairs, so both answers of a pair stay on one side."""
+    items = load_items(config, home, kind)
+    eval_idx, train_idx = split_indices(len(items), config.data.val_size, config.train.seed)
+    return [items[i] for i in train_idx], [items[i] for i in eval_idx]
+
+
 def unpaired(items: Sequence[Any]) -> list[Any]:
     """KTO's labelled answers: a pair gives its chosen answer labelled good and its rejected one bad."""
     from studio.data.preference import LabeledCompletion, PreferencePair
@@ -117,13 +125,11 @@ class PreferenceStage:
     form_fields = PREFERENCE_FORM_FIELDS
 
     def build_data(self, config: RunConfig, tokenizer: Any, home: Path) -> StageData:
-        items = load_items(config, home, self.data_kind)
-        if not items:
+        train_items, eval_items = split_items(config, home, self.data_kind)
+        if not train_items and not eval_items:
             raise TrainingError(f"The datasets of this {config.stage} run hold no usable rows.")
-        # Split before unpairing (KTO), so both answers of a pair land on the same side of the split.
-        eval_idx, train_idx = split_indices(len(items), config.data.val_size, config.train.seed)
-        train = preference_rows(self.rows_of([items[i] for i in train_idx]))
-        held_out = preference_rows(self.rows_of([items[i] for i in eval_idx]))
+        train = preference_rows(self.rows_of(train_items))
+        held_out = preference_rows(self.rows_of(eval_items))
         lengths = token_lengths(tokenizer, [*train, *held_out])
         return StageData(
             train=train,
