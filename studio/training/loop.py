@@ -21,10 +21,12 @@ from studio.core.fsutil import atomic_write_json
 from studio.core.workspace import RunDir, checkpoint_step
 from studio.model.loading import (
     ResolvedModel,
+    cpu_has_bf16,
     detect_device,
     load_model,
     load_tokenizer,
     resolve_model,
+    slow_bf16_hint,
 )
 from studio.model.targets import expand_targets, linear_layer_names, target_problem
 from studio.training.coach import Advice, data_advice, write_data_facts
@@ -349,6 +351,10 @@ def _resolve_runtime(
         f"Model: {resolved.name} ({resolved.kind}) on {device}, compute {config.train.compute_type}"
         + (f", base in {config.quant.mode}" if config.quant.mode != "none" else "")
     )
+    q = config.quant
+    hint = slow_bf16_hint(config.train.compute_type, q.mode, q.compute_dtype, device, cpu_has_bf16())
+    if hint:
+        sink.event(hint, "warning")
     return _Run(config, run_dir, sink, should_stop, home, stage, device, rank, resolved, started)
 
 

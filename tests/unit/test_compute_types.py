@@ -150,3 +150,20 @@ def test_check_runtime_reports_every_device_problem_at_once():
     assert "fp16 training needs a GPU" in str(err.value) and "DoRA on an 8-bit base" in str(err.value)
     with pytest.raises(TrainingError, match="no Apple MPS backend"):
         check_runtime(config(quant={"mode": "4bit"}), "mps")
+
+
+def test_emulated_bf16_on_a_cpu_is_said_with_the_fix():
+    from studio.model.loading import cpu_has_bf16, slow_bf16_hint
+
+    assert cpu_has_bf16("flags : fpu avx2 avx512f") is False
+    assert cpu_has_bf16("flags : fpu avx2 avx512f avx512_bf16") is True
+    assert cpu_has_bf16("flags : fpu amx_bf16 amx_tile") is True
+    hint = slow_bf16_hint("fp32", "4bit", "bf16", "cpu", native=False)
+    assert "quant.compute_dtype = bf16 is emulated" in hint and "Set it to fp32" in hint
+    assert "train.compute_type and quant.compute_dtype" in slow_bf16_hint("bf16", "4bit", "bf16", "cpu", False)
+    assert slow_bf16_hint("bf16", "none", "bf16", "cpu", False).count("train.compute_type") == 1
+    # Native bf16, a GPU, an unknown CPU, fp32 math, or bf16 compute of a base that is not 4-bit: nothing to say.
+    assert slow_bf16_hint("bf16", "4bit", "bf16", "cpu", True) is None
+    assert slow_bf16_hint("bf16", "4bit", "bf16", "cuda", False) is None
+    assert slow_bf16_hint("bf16", "4bit", "bf16", "cpu", None) is None
+    assert slow_bf16_hint("fp32", "8bit", "bf16", "cpu", False) is None
