@@ -38,7 +38,7 @@ import numpy as np
 from studio.core.problems import Severity
 from studio.data.clean import CleanOptions
 from studio.data.errors import DataError
-from studio.data.formats import Example, Message
+from studio.data.formats import Example, Message, openai_messages
 from studio.data.preference import PreferencePair
 from studio.data.registry import DatasetEntry, DatasetRegistry, validate_dataset_name
 from studio.data.split import split_indices
@@ -201,7 +201,7 @@ def answers(example: Example) -> list[str]:
     """What is trained on: the assistant answers, or the whole text."""
     if example.text is not None:
         return [example.text]
-    return [m.content for m in example.messages if m.role == "assistant"]
+    return [m.shown for m in example.messages if m.role == "assistant"]
 
 
 def first_words(example: Example) -> str:
@@ -218,7 +218,7 @@ def normalized(example: Example) -> tuple[tuple[str, str], ...]:
     reads the same rows, and normalising is the costliest step in pure Python."""
     if example.text is not None:
         return (("text", normalize(example.text)),)
-    return tuple((m.role, normalize(m.content)) for m in example.messages)
+    return tuple((m.role, normalize(m.shown)) for m in example.messages)
 
 
 def full_key(example: Example) -> str:
@@ -252,7 +252,9 @@ def prompt_key(example: Example) -> str | None:
 def fingerprint(examples: list[Example]) -> str:
     digest = hashlib.sha256()
     for ex in examples:
-        row = ex.text if ex.text is not None else [[m.role, m.content] for m in ex.messages]
+        row = ex.text if ex.text is not None else [[m.role, m.shown] for m in ex.messages]
+        if ex.tools:
+            row = [row, ex.tools]
         digest.update(json.dumps(row, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n")
     return digest.hexdigest()
 
@@ -532,7 +534,7 @@ def check_conflicting_answers(examples: list[Example], threshold: float = NEAR_D
             continue
         shown: dict[str, str] = {}
         for r in rows:
-            answer = examples[r].messages[-1].content
+            answer = examples[r].messages[-1].shown
             shown.setdefault(normalize(answer), excerpt(answer, 40))
         quoted = " / ".join(list(shown.values())[:3]) + (" / …" if len(shown) > 3 else "")
         detail = (
@@ -597,7 +599,7 @@ def _answer_pairs(example: Example) -> list[tuple[str, str]]:
     if example.text is not None:
         return [(example.text, normalized(example)[0][1])]
     pairs = zip(example.messages, normalized(example), strict=True)
-    return [(m.content, norm) for m, (_, norm) in pairs if m.role == "assistant"]
+    return [(m.shown, norm) for m, (_, norm) in pairs if m.role == "assistant"]
 
 
 @lru_cache(maxsize=8192)
@@ -816,7 +818,7 @@ def diagnose(
 
 
 def _chars(example: Example) -> int:
-    return len(example.text) if example.text is not None else sum(len(m.content) for m in example.messages)
+    return len(example.text) if example.text is not None else sum(len(m.shown) for m in example.messages)
 
 
 def _tokenize(tokenizer: Any, example: Example, train_on_prompt: bool) -> Sample | str:
@@ -907,11 +909,11 @@ def write_examples(examples: list[Example], path: Path) -> tuple[Path, str]:
         raise DataError("The examples mix plain texts and conversations; a dataset holds one or the other.")
     with open(path, "w", encoding="utf-8") as f:
         for ex in examples:
-            row = (
-                {"text": ex.text}
-                if ex.text is not None
-                else {"messages": [{"role": m.role, "content": m.content} for m in ex.messages]}
+            row: dict[str, Any] = (
+                {"text": ex.text} if ex.text is not None else {"messages": openai_messages(ex.messages)}
             )
+            if ex.tools:
+                row["tools"] = json.loads(ex.tools)
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path, "text" if all(plain) else "openai"
 

@@ -112,26 +112,27 @@ def clean_examples(examples: list[Example], opts: CleanOptions | None = None) ->
 def strip_example(example: Example) -> Example:
     if example.text is not None:
         return Example(text=example.text.strip())
-    return Example(messages=tuple(Message(m.role, m.content.strip()) for m in example.messages))
+    messages = tuple(Message(m.role, m.content.strip(), m.tool_calls) for m in example.messages)
+    return Example(messages=messages, tools=example.tools)
 
 
 def total_chars(example: Example) -> int:
     if example.text is not None:
         return len(example.text)
-    return sum(len(m.content) for m in example.messages)
+    return sum(len(m.shown) for m in example.messages)
 
 
 def _answers(example: Example) -> list[str]:
     """What is trained on: the assistant answers, or the whole text."""
     if example.text is not None:
         return [example.text]
-    return [m.content for m in example.messages if m.role == "assistant"]
+    return [m.shown for m in example.messages if m.role == "assistant"]
 
 
 def _has_empty_part(example: Example) -> bool:
     if example.text is not None:
         return not example.text
-    return not example.messages or any(not m.content for m in example.messages)
+    return not example.messages or any(not m.shown for m in example.messages)
 
 
 def _nothing_left(total: int, report: CleanReport, opts: CleanOptions) -> str:

@@ -5,17 +5,29 @@ Pure functions over one row, so each format rule is testable on a single dict. T
 - sharegpt: {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}], "system" (optional)}
 - openai:   {"messages": [{"role": "system"|"user"|"assistant", "content": ...}]}
 - text:     {"text": ...}
+Both message formats may carry tool calling (studio.data.tools): a "tools" column of schemas, assistant
+calls (openai `tool_calls`, sharegpt `function_call` turns) and their results (`tool` / `observation`).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from studio.data.errors import DataError, RowError
+from studio.data.tools import (
+    ToolCall,
+    calls_text,
+    check_calls_declared,
+    parse_function_call,
+    parse_openai_calls,
+    parse_tools,
+)
 
 FORMATS = ("alpaca", "sharegpt", "openai", "text")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+FUNCTION_CALL = "function_call"  # the sharegpt role of a call turn; it becomes an assistant message with calls
 
 # The column names each format uses unless a ColumnMap says otherwise.
 _DEFAULTS: dict[str, dict[str, str]] = {
@@ -34,6 +46,9 @@ _DEFAULTS: dict[str, dict[str, str]] = {
         "user_tag": "human",
         "assistant_tag": "gpt",
         "system_tag": "system",
+        "function_tag": "function_call",
+        "observation_tag": "observation",
+        "tools": "tools",
     },
     "openai": {
         "messages": "messages",
@@ -43,6 +58,7 @@ _DEFAULTS: dict[str, dict[str, str]] = {
         "user_tag": "user",
         "assistant_tag": "assistant",
         "system_tag": "system",
+        "tools": "tools",
     },
     "text": {"text": "text"},
 }
@@ -92,6 +108,9 @@ class ColumnMap:
     user_tag: str | None = None
     assistant_tag: str | None = None
     system_tag: str | None = None
+    function_tag: str | None = None  # sharegpt: the role value of a tool-call turn
+    observation_tag: str | None = None  # sharegpt: the role value of a tool-result turn
+    tools: str | None = None  # the column of tool schemas (JSON)
     text: str | None = None
 
     def __post_init__(self) -> None:
@@ -125,6 +144,12 @@ class ColumnMap:
 class Message:
     role: str  # one of ROLES
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # assistant messages only; their content may then be empty
+
+    @property
+    def shown(self) -> str:
+        """The text with the calls written out: what checks and statistics read."""
+        return calls_text(self.content, self.tool_calls) if self.tool_calls else self.content
 
 
 @dataclass(frozen=True)
@@ -133,6 +158,18 @@ class Example:
 
     messages: tuple[Message, ...] = ()
     text: str | None = None
+    tools: str | None = None  # the tool schemas the conversation offers, as JSON (studio.data.tools)
+
+
+def openai_messages(messages: tuple[Message, ...]) -> list[dict[str, Any]]:
+    """Messages as chat templates read them (OpenAI's form, tool calls included)."""
+    out = []
+    for m in messages:
+        turn: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            turn["tool_calls"] = [call.to_openai() for call in m.tool_calls]
+        out.append(turn)
+    return out
 
 
 # ---------------------------------------------------------------- detection
@@ -273,10 +310,16 @@ def _chat(row: dict, fmt: str, cmap: ColumnMap) -> Example:
         cmap.name("assistant_tag", fmt): "assistant",
         cmap.name("system_tag", fmt): "system",
     }
-    if fmt == "sharegpt":  # sharegpt files in the wild often use the openai role names
+    if fmt == "sharegpt":  # LLaMA-Factory's tool turns, and the openai role names files in the wild use
+        role_names[cmap.name("function_tag", fmt)] = FUNCTION_CALL
+        role_names[cmap.name("observation_tag", fmt)] = "tool"
         for role in ROLES:
             role_names.setdefault(role, role)
+    else:
+        role_names.setdefault("tool", "tool")
 
+    tools_col = cmap.name("tools", fmt)
+    tools = parse_tools(row.get(tools_col), tools_col)
     messages: list[Message] = []
     system = _text_field(row, cmap.name("system", fmt), required=False)
     if system.strip():
@@ -292,37 +335,81 @@ def _chat(row: dict, fmt: str, cmap: ColumnMap) -> Example:
         role = role_names.get(role_value) if isinstance(role_value, str) else None
         if role is None:
             raise RowError(
-                f"message {i} has unknown role {_short(role_value)}. Expected one of: "
-                f"{_role_list(role_names)} (tool and function messages are not supported; remove them)."
+                f"message {i} has unknown role {_short(role_value)}. Expected one of: {_role_list(role_names)}."
             )
-        content = item.get(content_tag)
-        where = f"message {i} ({role})"
-        if content is None:
-            raise RowError(f"{where} has no '{content_tag}'. Add the text, or remove the message.")
-        if not isinstance(content, str):
-            raise RowError(f"{where}: '{content_tag}' must be text, got {_kind(content)}{_quote_hint(content)}.")
-        if not content.strip():
-            raise RowError(f"{where} is empty. Write the text, or remove the message.")
+        message = _message(item, role, i, content_tag, tools)
         if role == "system" and messages:
-            raise RowError(f"{where}: a system message may only come first. Move it to the start, or remove it.")
-        messages.append(Message(role, content))
+            raise RowError(
+                f"message {i} (system): a system message may only come first. Move it to the start, or remove it."
+            )
+        messages.append(message)
     _check_turns(messages)
-    return Example(messages=tuple(messages))
+    return Example(messages=tuple(messages), tools=tools)
+
+
+def _message(item: dict, role: str, i: int, content_tag: str, tools: str | None) -> Message:
+    """One message of a list; tool calls (openai `tool_calls`, a sharegpt function_call turn) are checked
+    against the row's tools, tool results may be JSON objects (they are written as JSON text)."""
+    content = item.get(content_tag)
+    where = f"message {i} ({'assistant call' if role == FUNCTION_CALL else role})"
+    if role == FUNCTION_CALL:
+        if content is None or content == "":
+            raise RowError(f"{where} has no '{content_tag}'. Write the call as JSON, or remove the message.")
+        calls = parse_function_call(content, where)
+        check_calls_declared(calls, tools, where)
+        return Message("assistant", "", calls)
+    calls: tuple[ToolCall, ...] = ()
+    if role == "assistant" and item.get("tool_calls"):
+        calls = parse_openai_calls(item["tool_calls"], where)
+        check_calls_declared(calls, tools, where)
+        if content is None:
+            content = ""
+    if role == "tool" and isinstance(content, dict | list):
+        content = json.dumps(content, ensure_ascii=False)
+    if content is None:
+        raise RowError(f"{where} has no '{content_tag}'. Add the text, or remove the message.")
+    if not isinstance(content, str):
+        raise RowError(f"{where}: '{content_tag}' must be text, got {_kind(content)}{_quote_hint(content)}.")
+    if not content.strip() and not calls:
+        raise RowError(f"{where} is empty. Write the text, or remove the message.")
+    return Message(role, content, calls)
 
 
 def _check_turns(messages: list[Message]) -> None:
-    """user/assistant alternate after an optional leading system message, ending with the assistant."""
+    """user/assistant alternate after an optional leading system message, ending with the assistant. With
+    tools: an assistant's calls are followed by one tool result each (or end the conversation), and the
+    assistant speaks again after the results."""
     turns = messages[1:] if messages and messages[0].role == "system" else messages
     if not turns:
         raise RowError("the conversation has only a system message. Add a user and an assistant message.")
     offset = len(messages) - len(turns)
+    prev: Message | None = None
     for i, msg in enumerate(turns):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if msg.role != expected:
+        number = i + 1 + offset
+        if msg.role == "tool":
+            if prev is None or not (prev.role == "tool" or prev.tool_calls):
+                raise RowError(
+                    f"message {number} is a tool result with no call before it. Put it right after the "
+                    "assistant's tool call, or remove it."
+                )
+        elif prev is not None and prev.tool_calls and msg.role != "tool":
             raise RowError(
-                f"message {i + 1 + offset} is from {msg.role} but {expected} was expected: user and "
-                "assistant turns must alternate, starting with user. Merge or remove the extra message."
+                f"message {number - 1} calls a tool but no tool result follows it. Add the result (a tool or "
+                "observation message) after the call, or end the conversation with the call."
             )
+        else:
+            expected = "assistant" if prev is not None and prev.role in ("user", "tool") else "user"
+            if msg.role != expected:
+                raise RowError(
+                    f"message {number} is from {msg.role} but {expected} was expected: user and "
+                    "assistant turns must alternate, starting with user. Merge or remove the extra message."
+                )
+        prev = msg
+    if turns[-1].role == "tool":
+        raise RowError(
+            "the conversation ends with a tool result. The last message must be the assistant's: add the answer "
+            "it gives with the result, or remove the result."
+        )
     if turns[-1].role != "assistant":
         raise RowError(
             "the conversation ends with a user message. The last message must be the assistant's answer: "

@@ -16,8 +16,8 @@ if TYPE_CHECKING:
 
 # Entries that live on a hub or in the cloud: not reachable offline.
 HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
-# Columns for data we do not train on yet (tools, multimodal).
-UNSUPPORTED_COLUMNS = ("tools", "images", "videos", "audios")
+# Columns for data we do not train on yet (multimodal).
+UNSUPPORTED_COLUMNS = ("images", "videos", "audios")
 PREFERENCE_KEYS = ("chosen", "rejected", "kto_tag")  # LLaMA-Factory's columns of ranking and KTO entries
 ALPACA_COLUMNS = {
     "prompt": "instruction",
@@ -26,8 +26,8 @@ ALPACA_COLUMNS = {
     "history": "history",
     "system": "system",
 }
-SHAREGPT_COLUMNS = {"messages": "messages", "system": "system"}
-TAGS = ("role_tag", "content_tag", "user_tag", "assistant_tag", "system_tag")
+SHAREGPT_COLUMNS = {"messages": "messages", "system": "system", "tools": "tools"}
+TAGS = ("role_tag", "content_tag", "user_tag", "assistant_tag", "system_tag", "function_tag", "observation_tag")
 # LLaMA-Factory's defaults for sharegpt; tags equal to OPENAI_TAGS mean "openai messages".
 SHAREGPT_DEFAULTS = {
     "messages": "conversations",
@@ -36,6 +36,8 @@ SHAREGPT_DEFAULTS = {
     "user_tag": "human",
     "assistant_tag": "gpt",
     "system_tag": "system",
+    "function_tag": "function_call",
+    "observation_tag": "observation",
 }
 OPENAI_TAGS = {
     "role_tag": "role",
@@ -77,9 +79,7 @@ def map_entry(spec: dict[str, Any]) -> tuple[str, ColumnMap | PreferenceColumns]
         raise DataError("'columns' and 'tags' must be objects mapping names to column names.")
     unsupported = [c for c in UNSUPPORTED_COLUMNS if columns.get(c)]
     if unsupported:
-        raise DataError(
-            f"it uses the column(s) {', '.join(unsupported)}, which are not supported (tool calls, images/audio/video)."
-        )
+        raise DataError(f"it uses the column(s) {', '.join(unsupported)}: images, audio and video are not supported.")
     known = ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_COLUMNS
     unknown = sorted(set(columns) - set(known) - set(UNSUPPORTED_COLUMNS) - set(PREFERENCE_KEYS))
     if unknown:
@@ -97,11 +97,13 @@ def map_entry(spec: dict[str, Any]) -> tuple[str, ColumnMap | PreferenceColumns]
     resolved = {**SHAREGPT_DEFAULTS, **{k: v for k, v in tags.items() if k in TAGS and v}}
     messages = columns.get("messages") or SHAREGPT_DEFAULTS["messages"]
     system = columns.get("system")
+    tools = columns.get("tools") if columns.get("tools") != "tools" else None
     if all(resolved[k] == v for k, v in OPENAI_TAGS.items()):
-        return "openai", ColumnMap(messages=None if messages == "messages" else messages, system=system)
+        return "openai", ColumnMap(messages=None if messages == "messages" else messages, system=system, tools=tools)
     return "sharegpt", ColumnMap(
         messages=None if messages == "conversations" else messages,
         system=system,
+        tools=tools,
         **{k: resolved[k] for k in TAGS if resolved[k] != SHAREGPT_DEFAULTS[k]},
     )
 
@@ -111,7 +113,7 @@ def _preference_entry(
 ) -> tuple[str, PreferenceColumns]:
     """A ranking entry ('preference': chosen and rejected) or a KTO one ('kto': a kto_tag column)."""
     fmt = "preference" if spec.get("ranking") else "kto"
-    odd = {k: v for k, v in tags.items() if k in TAGS and v not in (SHAREGPT_DEFAULTS[k], OPENAI_TAGS[k])}
+    odd = {k: v for k, v in tags.items() if k in TAGS and v not in (SHAREGPT_DEFAULTS[k], OPENAI_TAGS.get(k))}
     if odd:
         shown = ", ".join(f"{k}={v!r}" for k, v in odd.items())
         raise DataError(

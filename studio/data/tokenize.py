@@ -6,11 +6,20 @@ and one never shown EOS never stops (FIELD-NOTES: "model repeats itself / never 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from studio.data.errors import DataError
-from studio.data.formats import Example, Message
+from studio.data.formats import Example, Message, openai_messages
+from studio.data.tools import (
+    calls_in_text,
+    calls_text,
+    observation_text,
+    strip_calls,
+    template_knows_tools,
+    tools_system_text,
+)
 
 IGNORE_INDEX = -100  # label value the loss skips (the PyTorch / HF convention)
 
@@ -62,7 +71,7 @@ def build_sample(
         labels = list(ids)
     else:
         ids, labels = [], []
-        for text, trained in chat_segments(tokenizer, example.messages, eos, chat_template):
+        for text, trained in chat_segments(tokenizer, example.messages, eos, chat_template, example.tools):
             seg = _encode(tokenizer, text)
             ids += seg
             labels += seg if trained or train_on_prompt else [IGNORE_INDEX] * len(seg)
@@ -77,21 +86,28 @@ def build_sample(
 
 
 def chat_segments(
-    tokenizer: Any, messages: tuple[Message, ...], eos: str, chat_template: str | None = None
+    tokenizer: Any,
+    messages: tuple[Message, ...],
+    eos: str,
+    chat_template: str | None = None,
+    tools: str | None = None,
 ) -> list[tuple[str, bool]]:
     """The rendered conversation cut into (text, supervised) pieces.
 
     For assistant turn k: prompt_k = template(messages[:k], generation prompt), full_k =
     template(messages[:k+1]); full_k[len(prompt_k):] holds the answer. Supervised = the answer + EOS.
+    Tool calls are answers (trained), tool results are prompt (masked). A template that renders `tools`
+    gets them as they are; for the others the conversation is first written in the fallback format.
     """
-    template = chat_template or getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE
+    template = template_for(tokenizer, chat_template)
+    messages, tools_arg = tool_conversation(messages, tools, template)
     segments: list[tuple[str, bool]] = []
     done = ""  # text already placed into segments
     for k, message in enumerate(messages):
         if message.role != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:k], template, add_generation_prompt=True)
-        full = _render(tokenizer, messages[: k + 1], template, add_generation_prompt=False)
+        prompt = _render(tokenizer, messages[:k], template, add_generation_prompt=True, tools=tools_arg)
+        full = _render(tokenizer, messages[: k + 1], template, add_generation_prompt=False, tools=tools_arg)
         if not prompt.startswith(done):
             raise DataError(
                 f"The chat template renders the conversation up to turn {k + 1} differently from how it "
@@ -105,27 +121,91 @@ def chat_segments(
                 "generation prompt is a prefix of the rendered answer turn."
             )
         answer = full[len(prompt) :]
-        at = answer.find(message.content)
+        if message.tool_calls:  # the template writes the calls its own way: the whole turn is the answer
+            at, shown = 0, answer[: answer.index(eos)] if eos in answer else answer.rstrip()
+        else:
+            at, shown = answer.find(message.content), message.content
         if at < 0:
             raise DataError(
                 f"The chat template changes the text of answer {k + 1} (it does not appear verbatim in the "
                 "rendered turn), so it cannot be labelled. Use a template that copies the content as is."
             )
-        before, rest = answer[:at], answer[at + len(message.content) :]
+        before, rest = answer[:at], answer[at + len(shown) :]
         after = rest[len(eos) :] if rest.startswith(eos) else rest  # EOS is added below, if missing
         segments.append((prompt[len(done) :] + before, False))
-        segments.append((message.content + eos, True))
+        segments.append((shown + eos, True))
         if after:
             segments.append((after, False))
         done = full
     return [(text, trained) for text, trained in segments if text]
 
 
-def _render(tokenizer: Any, messages: tuple[Message, ...], template: str, add_generation_prompt: bool) -> str:
-    conversation = [{"role": m.role, "content": m.content} for m in messages]
+def template_for(tokenizer: Any, chat_template: str | None = None) -> str:
+    return chat_template or getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE
+
+
+def tool_conversation(
+    messages: tuple[Message, ...], tools: str | None, template: str
+) -> tuple[tuple[Message, ...], list[dict] | None]:
+    """(messages, tools argument) for a template: unchanged with the schemas for one that knows tools,
+    else in the fallback format (studio.data.tools): schemas in the system turn, calls written into the
+    assistant's text, each run of tool results one user turn."""
+    uses_tools = tools is not None or any(m.tool_calls or m.role == "tool" for m in messages)
+    if not uses_tools:
+        return messages, None
+    if template_knows_tools(template):
+        return messages, json.loads(tools) if tools else None
+    out: list[Message] = []
+    if tools:
+        system = messages[0].content if messages and messages[0].role == "system" else ""
+        out.append(Message("system", tools_system_text(tools, system)))
+        messages = messages[1:] if system else messages
+    results: list[str] = []
+    for message in messages:
+        if message.role == "tool":
+            results.append(message.content)
+            continue
+        if results:
+            out.append(Message("user", observation_text(results)))
+            results = []
+        out.append(
+            Message(message.role, calls_text(message.content, message.tool_calls)) if message.tool_calls else message
+        )
+    if results:
+        out.append(Message("user", observation_text(results)))
+    return tuple(out), None
+
+
+def render_prompt(tokenizer: Any, conversation: list[dict[str, str]], tools: str | None = None) -> str:
+    """The generation prompt for a chat, written as training writes it (tools natively or in the fallback)."""
+    template = template_for(tokenizer)
+    messages = tuple(_chat_message(m["role"], m["content"]) for m in conversation)
+    messages, tools_arg = tool_conversation(messages, tools, template)
+    return _render(tokenizer, messages, template, add_generation_prompt=True, tools=tools_arg)
+
+
+def _chat_message(role: str, content: str) -> Message:
+    """A chat turn; the calls an assistant wrote in the fallback format become structured calls again, so a
+    template that knows tools renders them its own way."""
+    calls = tuple(calls_in_text(content)) if role == "assistant" else ()
+    return Message(role, strip_calls(content), calls) if calls else Message(role, content)
+
+
+def _render(
+    tokenizer: Any,
+    messages: tuple[Message, ...],
+    template: str,
+    add_generation_prompt: bool,
+    tools: list[dict] | None = None,
+) -> str:
+    conversation = openai_messages(messages)
     try:
         text = tokenizer.apply_chat_template(
-            conversation, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+            conversation,
+            chat_template=template,
+            tools=tools,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
         )
     except Exception as e:  # jinja errors: templates raise on roles or orders they do not accept
         raise DataError(

@@ -39,6 +39,9 @@ def test_column_map_defaults_per_format():
         user_tag="human",
         assistant_tag="gpt",
         system_tag="system",
+        function_tag="function_call",
+        observation_tag="observation",
+        tools="tools",
     )
 
 
@@ -233,8 +236,8 @@ def conv(*items):
         ),
         (
             conv((U, "q"), ("tool", "x"), (A, "a")),
-            "message 2 has unknown role 'tool'. Expected one of: 'user', 'assistant', 'system' (tool and "
-            "function messages are not supported; remove them).",
+            "message 2 is a tool result with no call before it. Put it right after the assistant's tool call, "
+            "or remove it.",
         ),
         (
             conv((U, "q"), (U, "q2"), (A, "a")),
@@ -268,7 +271,7 @@ def conv(*items):
         (conv((U, "q"), (A, " ")), "message 2 (assistant) is empty. Write the text, or remove the message."),
         (
             {"messages": [{"content": "q"}]},
-            "message 1 has no 'role'. Say who speaks: 'user', 'assistant', 'system'.",
+            "message 1 has no 'role'. Say who speaks: 'user', 'assistant', 'system', 'tool'.",
         ),
         (
             {"messages": [{"role": "user"}]},
@@ -285,9 +288,10 @@ def test_openai_row_errors(row, expected):
 
 
 def test_sharegpt_unknown_role_lists_sharegpt_roles():
-    row = {"conversations": [{"from": "human", "value": "q"}, {"from": "observation", "value": "x"}]}
+    row = {"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "x"}]}
     assert row_error(row, "sharegpt").startswith(
-        "message 2 has unknown role 'observation'. Expected one of: 'human', 'gpt', 'system', 'user', 'assistant'"
+        "message 2 has unknown role 'bot'. Expected one of: 'human', 'gpt', 'system', 'function_call', "
+        "'observation', 'user', 'assistant', 'tool'"
     )
 
 

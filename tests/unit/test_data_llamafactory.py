@@ -95,10 +95,7 @@ def test_ranking_and_kto_entries_map_to_preference_formats(spec, expected):
             "its tags (role_tag='speaker') are not the usual sharegpt or openai names",
         ),
         ({"formatting": "openai"}, "formatting 'openai' is not supported; use 'alpaca' or 'sharegpt'."),
-        (
-            {"formatting": "sharegpt", "columns": {"tools": "tools"}},
-            "it uses the column(s) tools, which are not",
-        ),
+        ({"formatting": "sharegpt", "columns": {"videos": "v"}}, "it uses the column(s) videos: images, audio"),
         ({"columns": {"prompt": "p", "images": "img"}}, "it uses the column(s) images"),
         (
             {"columns": {"prompt": "p", "answer": "a"}},
@@ -177,20 +174,30 @@ def test_import_registers_usable_entries_and_explains_the_rest(tmp_path):
 def test_bundled_dataset_info_imports_cleanly(tmp_path):
     registry = DatasetRegistry(tmp_path / "home", bundled_dir=tmp_path / "no-bundled")
     report = import_dataset_info(registry, bundled_datasets_dir() / "dataset_info.json")
-    assert (report.registered, report.skipped) == (["studio-facts", "studio-chats", "studio-prefs", "studio-kto"], [])
-    # sorted by name: studio-chats, studio-facts, studio-kto, studio-prefs
+    assert (report.registered, report.skipped) == (
+        ["studio-facts", "studio-chats", "studio-prefs", "studio-kto", "studio-tools"],
+        [],
+    )
+    # sorted by name: studio-chats, studio-facts, studio-kto, studio-prefs, studio-tools
     assert [(e.format, e.rows) for e in registry.list()] == [
         ("openai", 30),
         ("alpaca", 72),
         ("kto", 72),
         ("preference", 72),
+        ("sharegpt", 60),
     ]
 
 
 def test_bundled_names_are_taken_in_a_normal_registry(tmp_path):
     report = import_dataset_info(DatasetRegistry(tmp_path / "home"), bundled_datasets_dir() / "dataset_info.json")
     assert report.registered == []
-    assert [name for name, _ in report.skipped] == ["studio-facts", "studio-chats", "studio-prefs", "studio-kto"]
+    assert [name for name, _ in report.skipped] == [
+        "studio-facts",
+        "studio-chats",
+        "studio-prefs",
+        "studio-kto",
+        "studio-tools",
+    ]
     assert "bundled sample" in report.skipped[0][1]
 
 
