@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from studio.data.tokenize import render_prompt
 from studio.model.loading import ResolvedModel, load_model, load_tokenizer, resolve_model
 
 BASE = "base"
@@ -129,17 +130,21 @@ class ChatSession:
             self._model.set_adapter(name)
         self.active = name
 
-    def prompt_ids(self, messages: list[dict[str, str]]):
+    def prompt_ids(self, messages: list[dict[str, str]], tools: str | None = None):
         import torch
 
-        text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = render_prompt(self._tokenizer, messages, tools)
         ids = self._tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
         return ids.to(next(self._model.parameters()).device) if torch.is_tensor(ids) else ids
 
     def stream(
-        self, messages: list[dict[str, str]], settings: GenerationSettings | None = None, adapter: str | None = None
+        self,
+        messages: list[dict[str, str]],
+        settings: GenerationSettings | None = None,
+        adapter: str | None = None,
+        tools: str | None = None,
     ) -> Iterator[str]:
-        """Yield the reply text as it grows, token by token."""
+        """Yield the reply text as it grows, token by token. tools: JSON schemas (studio.data.tools)."""
         from transformers import TextIteratorStreamer
 
         settings = settings or GenerationSettings()
@@ -147,7 +152,7 @@ class ChatSession:
             self.load()
         with self._lock:
             name = adapter or self.active
-            ids = self.prompt_ids(messages)
+            ids = self.prompt_ids(messages, tools)
             streamer = TextIteratorStreamer(self._tokenizer, skip_prompt=True, skip_special_tokens=True)
             kwargs = dict(
                 input_ids=ids,
@@ -182,12 +187,20 @@ class ChatSession:
                 raise errors[0]
 
     def reply(
-        self, messages: list[dict[str, str]], settings: GenerationSettings | None = None, adapter: str | None = None
+        self,
+        messages: list[dict[str, str]],
+        settings: GenerationSettings | None = None,
+        adapter: str | None = None,
+        tools: str | None = None,
     ) -> str:
-        return final_text(self.stream(messages, settings, adapter))
+        return final_text(self.stream(messages, settings, adapter, tools))
 
     def compare(
-        self, messages: list[dict[str, str]], adapter: str, settings: GenerationSettings | None = None
+        self,
+        messages: list[dict[str, str]],
+        adapter: str,
+        settings: GenerationSettings | None = None,
+        tools: str | None = None,
     ) -> tuple[str, str]:
         """The same prompt answered without and with the adapter."""
-        return self.reply(messages, settings, BASE), self.reply(messages, settings, adapter)
+        return self.reply(messages, settings, BASE, tools), self.reply(messages, settings, adapter, tools)

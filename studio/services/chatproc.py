@@ -32,9 +32,11 @@ from studio.core import procs
 from studio.core.errors import ExitCode, StudioError
 from studio.core.procs import exit_description, rss_mb
 from studio.core.workspace import RunDir
+from studio.data.errors import RowError
+from studio.data.tools import parse_tools
 from studio.services.chat import BASE, GenerationSettings, final_text
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")  # tool: the result of a call, as the caller ran it
 LOG_NAME = "chat.log"
 
 
@@ -54,6 +56,14 @@ def check_messages(messages: list[dict[str, str]]) -> list[dict[str, str]]:
     if not out or out[-1]["role"] != "user":
         raise ChatError("The conversation must end with a user message to answer.")
     return out
+
+
+def check_tools(tools: str | None) -> str | None:
+    """The tools a conversation offers, as canonical JSON schemas; ChatError says what is wrong with them."""
+    try:
+        return parse_tools(tools, "tools")
+    except RowError as err:
+        raise ChatError(f"The tools are not usable: {err}") from None
 
 
 def check_settings(settings: GenerationSettings | None) -> GenerationSettings:
@@ -177,15 +187,22 @@ class ChatProcess:
             return self._request(self._require(), {"op": "status"}, self.request_timeout_s)
 
     def stream(
-        self, messages: list[dict[str, str]], settings: GenerationSettings | None = None, adapter: str | None = None
+        self,
+        messages: list[dict[str, str]],
+        settings: GenerationSettings | None = None,
+        adapter: str | None = None,
+        tools: str | None = None,
     ) -> Iterator[str]:
-        """Yield the reply text as it grows. adapter: a loaded adapter's name, "base", or None (the active one)."""
+        """Yield the reply text as it grows. adapter: a loaded adapter's name, "base", or None (the active one).
+        tools: JSON tool schemas the conversation offers (studio.data.tools)."""
         messages = check_messages(messages)
         settings = check_settings(settings)
+        tools = check_tools(tools)
         with self._turn():
             child = self._require()
             self._check_adapter(child, adapter)
-            self._send(child, {"op": "stream", "messages": messages, "settings": asdict(settings), "adapter": adapter})
+            request = {"op": "stream", "messages": messages, "settings": asdict(settings), "adapter": adapter}
+            self._send(child, {**request, "tools": tools})
             while True:
                 msg = self._next(child, self.token_timeout_s)
                 if msg["type"] == "error":
@@ -199,22 +216,32 @@ class ChatProcess:
                     raise
 
     def reply(
-        self, messages: list[dict[str, str]], settings: GenerationSettings | None = None, adapter: str | None = None
+        self,
+        messages: list[dict[str, str]],
+        settings: GenerationSettings | None = None,
+        adapter: str | None = None,
+        tools: str | None = None,
     ) -> str:
-        return final_text(self.stream(messages, settings, adapter))
+        return final_text(self.stream(messages, settings, adapter, tools))
 
     def compare(
-        self, messages: list[dict[str, str]], adapter: str, settings: GenerationSettings | None = None
+        self,
+        messages: list[dict[str, str]],
+        adapter: str,
+        settings: GenerationSettings | None = None,
+        tools: str | None = None,
     ) -> tuple[str, str]:
         """The same prompt answered without the adapter and with it: (base, adapter)."""
         messages = check_messages(messages)
         settings = check_settings(settings)
+        tools = check_tools(tools)
         if adapter == BASE:
             raise ChatError("Compare needs an adapter to compare with the base; load one and choose it.")
         with self._turn():
             child = self._require()
             self._check_adapter(child, adapter)
             request = {"op": "compare", "messages": messages, "settings": asdict(settings), "adapter": adapter}
+            request["tools"] = tools
             base, tuned = self._request(child, request, self.load_timeout_s)  # two whole replies, no pieces
             return base, tuned
 
@@ -395,7 +422,7 @@ class _Server:
     def op_stream(self, req: dict[str, Any]) -> str:
         session, messages, settings, adapter = self._generation(req)
         final = ""
-        for text in session.stream(messages, settings, adapter):
+        for text in session.stream(messages, settings, adapter, check_tools(req.get("tools"))):
             if text != final:  # the streamer's last flush often repeats the text: send only growth
                 final = text
                 self.send({"type": "partial", "text": final})
@@ -403,7 +430,7 @@ class _Server:
 
     def op_compare(self, req: dict[str, Any]) -> list[str]:
         session, messages, settings, adapter = self._generation(req)
-        return list(session.compare(messages, adapter, settings))
+        return list(session.compare(messages, adapter, settings, check_tools(req.get("tools"))))
 
     def op_status(self, req: dict[str, Any]) -> dict[str, Any]:
         s = self.session

@@ -4,6 +4,7 @@ load/send/answer flows against a fake ChatProcess (the real one is under test in
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import pytest
@@ -69,17 +70,20 @@ class FakeProcess:
     def status(self):
         return {"loaded": self.alive, "pid": self.pid, "rss_mb": 512.0, "adapters": dict(self.loaded_adapters)}
 
-    def stream(self, messages, settings=None, adapter=None):
-        self.calls.append(("stream", adapter, messages))
+    def stream(self, messages, settings=None, adapter=None, tools=None):
+        self.calls.append(("stream", adapter, messages) + ((tools,) if tools else ()))
         text = ""
-        for piece in (f"[{adapter}]", " hello", " there"):
+        pieces = (
+            (f"[{adapter}]", " hello", " there") if not tools else ("<tool_call>\n", '{"name": "f"}', "\n</tool_call>")
+        )
+        for piece in pieces:
             text += piece
             yield text
         if self.fail_with:
             raise ChatError(self.fail_with)
 
-    def reply(self, messages, settings=None, adapter=None):
-        return list(self.stream(messages, settings, adapter))[-1]
+    def reply(self, messages, settings=None, adapter=None, tools=None):
+        return list(self.stream(messages, settings, adapter, tools))[-1]
 
 
 def test_adapter_choices_list_completed_runs_with_an_adapter(store, home):
@@ -192,7 +196,7 @@ def test_send_refuses_with_actionable_messages():
     settings = GenerationSettings()
     with pytest.raises(ui.ChatUIError, match="press Load"):
         list(ui.send_chat(FakeProcess(), "hi", [], [], "", settings, BASE, False))
-    with pytest.raises(ui.ChatUIError, match="Compare needs an adapter"):
+    with pytest.raises(ui.ChatUIError, match="Compare needs two different models"):
         list(ui.send_chat(FakeProcess(alive=True), "hi", [], [], "", settings, BASE, True))
     with pytest.raises(ui.ChatUIError, match="Type a message"):
         list(ui.send_chat(FakeProcess(alive=True), "  ", [], [], "", settings, BASE, False))
@@ -229,7 +233,8 @@ def test_build_makes_the_widgets_and_endpoints(home):
     expected = {
         "chat-model", "chat-adapter", "chat-load", "chat-unload", "chat-status", "chat-system", "chat-temperature",
         "chat-top-p", "chat-top-k", "chat-max-new-tokens", "chat-repetition-penalty", "chat-active", "chat-input",
-        "chat-send", "chatbot", "chat-compare", "chatbot-base", "chat-clear", "chat-quant",
+        "chat-send", "chatbot", "chat-compare", "chatbot-base", "chat-clear", "chat-quant", "chat-tools",
+        "chat-tools-example",
     }  # fmt: skip
     assert expected <= ids
     endpoints = app.get_api_info()["named_endpoints"]
@@ -242,6 +247,7 @@ def test_build_makes_the_widgets_and_endpoints(home):
         "adapter",
         "system_prompt",
         "max_new_tokens",
+        "tools",
     ]
 
 
@@ -267,3 +273,74 @@ def test_send_streams_then_shows_the_status_and_keeps_the_text_after_a_refusal()
     ((_, _, kept, message),) = ui.send_updates(FakeProcess(), "hi", [], [], "", widgets, BASE, False)
     assert kept == {"__type__": "update"} and "press Load" in message
     assert ui.compare_updates(True)[0].visible and ui.compare_updates(False)[1].label == "Chat"
+
+
+SCHEMA = '[{"name": "f", "parameters": {"type": "object"}}]'
+
+
+def test_tools_go_with_the_conversation_and_calls_show_as_blocks_that_go_back_as_written():
+    proc = FakeProcess(alive=True)
+    settings = GenerationSettings(max_new_tokens=8)
+    steps = list(ui.send_chat(proc, "hi", [], [], "", settings, BASE, False, ui.tools_from_box(SCHEMA)))
+    shown = steps[-1][0][-1]["content"]
+    assert shown == '```tool_call\n{"name": "f"}\n```'  # a fenced block: markdown would hide the tag
+    assert proc.calls[-1][3] == '[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]'
+    # The next turn sends the call back as the model wrote it.
+    again = ui.to_messages(steps[-1][0], "", "and now?")
+    assert again[1] == {"role": "assistant", "content": '<tool_call>\n{"name": "f"}\n</tool_call>'}
+    assert ui.tools_from_box("  ") is None
+
+
+def test_bad_tools_in_the_box_are_refused_before_anything_is_sent(store, home):
+    proc = FakeProcess(alive=True)
+    with pytest.raises(ui.ChatUIError, match=r"'the tools box' is not valid JSON"):
+        ui.answer(proc, store, "hi", "base", "", 16, "[{name}]")
+    widgets = (0, 1, 0, 8, 1)
+    *_, (_, _, kept, status) = ui.send_updates(proc, "hi", [], [], "", widgets, BASE, False, '[{"x": 1}]')
+    assert "is not a function schema" in status and kept == ui.gr.skip() and proc.calls == []  # text kept
+    example = json.loads(ui.example_tools(home))
+    assert [t["name"] for t in example] == ["get_ferry_schedule", "get_weather"]
+
+
+def test_blind_compare_draws_the_sides_once_per_conversation():
+    import random
+
+    draws = {ui.draw_sides([], [], None, BASE, "r1", True, random.Random(seed)) for seed in range(20)}
+    assert draws == {(BASE, "r1"), ("r1", BASE)}  # either order, by chance
+    assert ui.draw_sides([], [], None, BASE, "r1", False) == (BASE, "r1")  # not blind: base on the left
+    ongoing = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]
+    assert ui.draw_sides(ongoing, ongoing, ("r1", BASE), BASE, "r2", True) == ("r1", BASE)  # kept until Clear
+    left, right, panel = ui.compare_updates(True, True, BASE, "r1")
+    assert (left.label, right.label, panel.visible) == ("Answer A", "Answer B", True)
+    left, right, _ = ui.compare_updates(True, False, BASE, "r1")
+    assert (left.label, right.label) == ("Base model (no adapter)", "Adapter r1")
+    assert ui.compare_updates(False)[2].visible is False
+
+
+def test_judging_two_answers_keeps_a_pair_and_saving_makes_a_dataset_version(home):
+    from studio.data.registry import DatasetRegistry
+
+    proc = FakeProcess(alive=True)
+    proc.loaded_adapters["r1"] = "/a"
+    settings = GenerationSettings(max_new_tokens=8)
+    with pytest.raises(ui.ChatUIError, match="Nothing to judge yet"):
+        ui.judge(home, "a", "", "fb", [], [], None, "", None)
+    # r1 on the left (A), base on the right (B), as a blind draw may give.
+    *_, (right, left) = ui.send_chat(proc, "Mascot?", [], [], "sys", settings, BASE, True, None, "r1")
+    assert (left[-1]["content"], right[-1]["content"]) == ("[r1] hello there", "[base] hello there")
+    shown, judged = ui.judge(home, "a", "Ripple!", "fb", right, left, ("r1", BASE), "sys", None)
+    assert shown.startswith("Judged A is better: A was adapter r1, B was base model (no adapter).")
+    assert "**fb**: 1 judged, 1 preference pairs." in shown and "1 : 0, 0 ties" in shown
+    with pytest.raises(ui.ChatUIError, match="judged already"):
+        ui.judge(home, "b", "", "fb", right, left, ("r1", BASE), "sys", judged)
+    saved = ui.save_feedback(home, "fb")
+    assert saved.startswith("Saved **fb-v1**: 1 preference pairs.") and "dataset fb-v1" in saved
+    (pair,) = DatasetRegistry(home).load_preference("fb-v1")
+    assert (pair.chosen, pair.rejected) == ("Ripple!", "[base] hello there")
+    assert [(m.role, m.content) for m in pair.prompt] == [("system", "sys"), ("user", "Mascot?")]
+    # Base wins the next two: r1 lost, and is the adapter to train further.
+    for question in ("Again?", "Once more?"):
+        *_, (right, left) = ui.send_chat(proc, question, right, left, "sys", settings, BASE, True, None, "r1")
+        _, judged = ui.judge(home, "b", "", "fb", right, left, ("r1", BASE), "sys", judged)
+    saved = ui.save_feedback(home, "fb")
+    assert saved.startswith("Saved **fb-v2**: 3 preference pairs.") and "starting from run r1 (it lost)" in saved
