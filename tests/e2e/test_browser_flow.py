@@ -172,7 +172,20 @@ def _flow(server, page) -> None:
     adapter_answer = page.locator("#chatbot [data-testid=bot]").last.inner_text()
     base_answer = page.locator("#chatbot-base [data-testid=bot]").last.inner_text()
     assert adapter_answer.strip() and base_answer.strip() and adapter_answer != base_answer
+    # Blind by default: the sides are A and B, whichever model each is.
+    assert "Answer A" in text_of(page, "chatbot-base") and "Answer B" in text_of(page, "chatbot")
     shot(page, "5-chat-compare")
+
+    # Judge: A is better; the verdict names the models and the tally counts it. Save: a preference dataset.
+    page.locator("#chat-vote-a").click()
+    verdict = wait_text(page, "chat-feedback-tally", "1 judged, 1 preference pairs")
+    assert "A was" in verdict and run_id in verdict
+    page.locator("#chat-feedback-save").click()
+    wait_text(page, "chat-feedback-tally", "Saved chat-feedback-v1: 1 preference pairs")
+    from studio.data.registry import DatasetRegistry
+
+    (pair,) = DatasetRegistry(server.home).load_preference("chat-feedback-v1")
+    assert pair.chosen.strip() == base_answer.strip() and pair.rejected.strip() == adapter_answer.strip()
 
     # Export: merge onto the full-precision base and list the files.
     open_tab(page, "Export")

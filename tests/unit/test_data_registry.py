@@ -100,7 +100,14 @@ def test_add_copies_the_file_and_writes_the_entry(registry, alpaca_file):
     assert json.loads((folder / "entry.json").read_text()) == entry.to_dict()
     assert registry.get("facts") == entry
     assert registry.path_of(entry) == (folder / "data.json").resolve()
-    assert [e.name for e in registry.list()] == ["facts", "studio-facts", "studio-chats", "studio-prefs", "studio-kto"]
+    assert [e.name for e in registry.list()] == [
+        "facts",
+        "studio-facts",
+        "studio-chats",
+        "studio-prefs",
+        "studio-kto",
+        "studio-tools",
+    ]
     assert registry.load_examples("facts") == [
         Example(messages=(Message("user", "Capital of Veloria?"), Message("assistant", "Port Amsel."))),
         Example(messages=(Message("user", "Mascot?"), Message("assistant", "Ripple, a purple otter."))),
@@ -265,7 +272,9 @@ def test_edited_entry_cannot_point_outside(registry, alpaca_file):
 
 def test_bundled_samples_are_listed_and_load(registry):
     bundled = {e.name: e for e in registry.list()}
-    assert set(bundled) == {"studio-facts", "studio-chats", "studio-prefs", "studio-kto"}
+    assert set(bundled) == {"studio-facts", "studio-chats", "studio-prefs", "studio-kto", "studio-tools"}
+    tools = registry.load_examples("studio-tools")
+    assert bundled["studio-tools"].format == "sharegpt" and len(tools) == 60 and all(ex.tools for ex in tools)
     assert (bundled["studio-prefs"].format, bundled["studio-kto"].format) == ("preference", "kto")
     facts, chats = bundled["studio-facts"], bundled["studio-chats"]
     assert (facts.format, facts.rows, facts.bundled, facts.file) == ("alpaca", 72, True, "studio_facts.json")

@@ -54,7 +54,10 @@ def test_saving_registers_a_new_preference_version_each_time(tmp_path):
     # v1 is unchanged: a run trained on it stays reproducible.
     assert len(registry.load_preference("chat-feedback-v1")) == 1
     pairs = registry.load_preference("chat-feedback-v2")
-    assert [(p.chosen, p.rejected) for p in pairs] == [("Ripple, a purple otter.", "An otter."), ("Ripple!", "No idea.")]
+    assert [(p.chosen, p.rejected) for p in pairs] == [
+        ("Ripple, a purple otter.", "An otter."),
+        ("Ripple!", "No idea."),
+    ]
     assert pairs[0].prompt[0].content == "Be brief."
     with pytest.raises(DataError, match="name"):
         FeedbackLog(tmp_path, "../escape")

@@ -344,3 +344,15 @@ def test_judging_two_answers_keeps_a_pair_and_saving_makes_a_dataset_version(hom
         _, judged = ui.judge(home, "b", "", "fb", right, left, ("r1", BASE), "sys", judged)
     saved = ui.save_feedback(home, "fb")
     assert saved.startswith("Saved **fb-v2**: 3 preference pairs.") and "starting from run r1 (it lost)" in saved
+
+
+def test_the_repetition_penalty_counts_the_reply_only():
+    import torch
+
+    kwargs = GenerationSettings(repetition_penalty=1.5).generate_kwargs(prompt_length=3)
+    (penalty,) = kwargs["logits_processor"]
+    assert "repetition_penalty" not in kwargs and kwargs["do_sample"] is False
+    ids = torch.tensor([[5, 6, 7, 8]])  # prompt 5 6 7, reply so far 8
+    scores = penalty(ids, torch.full((1, 10), 2.0))
+    assert scores[0, 5].item() == 2.0 and scores[0, 8].item() == pytest.approx(2.0 / 1.5)  # echoing the prompt is free
+    assert "logits_processor" not in GenerationSettings(repetition_penalty=1.0).generate_kwargs(prompt_length=3)
