@@ -54,14 +54,8 @@ def parse_tools(value: Any, col: str) -> str | None:
     when the row offers none. RowError when the schemas are not valid JSON or not function schemas."""
     if value is None or (isinstance(value, str | list) and not value):
         return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise RowError(
-                f"'{col}' is not valid JSON ({e.msg} at character {e.pos}). Write the tool schemas as a JSON "
-                'list, e.g. [{"name": "get_weather", "description": "...", "parameters": {...}}].'
-            ) from None
+    example = 'list, e.g. [{"name": "get_weather", "description": "...", "parameters": {...}}]'
+    value = _json(value, f"'{col}'", f"Write the tool schemas as a JSON {example}.")
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list):
@@ -103,17 +97,21 @@ def parse_openai_calls(value: Any, where: str) -> tuple[ToolCall, ...]:
 
 def parse_function_call(value: Any, where: str) -> tuple[ToolCall, ...]:
     """A sharegpt function_call turn: JSON text of {"name", "arguments"}, or of a list of them."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise RowError(
-                f'{where} is not valid JSON ({e.msg}). Write the call as {{"name": "...", "arguments": {{...}}}}.'
-            ) from None
+    value = _json(value, where, 'Write the call as {"name": "...", "arguments": {...}}.')
     items = value if isinstance(value, list) else [value]
     if not items:
         raise RowError(f"{where} is an empty list of calls.")
     return tuple(_call(item, where if len(items) == 1 else f"{where}, call {i}") for i, item in enumerate(items, 1))
+
+
+def _json(value: Any, where: str, fix: str) -> Any:
+    """A JSON text decoded (anything else as it is); RowError saying where and how to fix it."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise RowError(f"{where} is not valid JSON ({e.msg} at character {e.pos}). {fix}") from None
 
 
 def _call(function: Any, where: str) -> ToolCall:

@@ -47,14 +47,15 @@ class ChatError(StudioError, RuntimeError):
 
 
 def check_messages(messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Plain {"role", "content"} dicts with string content, ending in a user turn."""
+    """Plain {"role", "content"} dicts with string content, ending in a user turn (or a tool's result, which
+    the assistant answers from)."""
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise ChatError(f"Message {i} must be a dict with a role in {ROLES} and text content (got {m!r}).")
         out.append({"role": m["role"], "content": m["content"]})
-    if not out or out[-1]["role"] != "user":
-        raise ChatError("The conversation must end with a user message to answer.")
+    if not out or out[-1]["role"] not in ("user", "tool"):
+        raise ChatError("The conversation must end with a user message (or a tool result) to answer.")
     return out
 
 

@@ -356,3 +356,14 @@ def test_the_repetition_penalty_counts_the_reply_only():
     scores = penalty(ids, torch.full((1, 10), 2.0))
     assert scores[0, 5].item() == 2.0 and scores[0, 8].item() == pytest.approx(2.0 / 1.5)  # echoing the prompt is free
     assert "logits_processor" not in GenerationSettings(repetition_penalty=1.0).generate_kwargs(prompt_length=3)
+
+
+def test_a_conversation_may_end_with_a_tool_result_but_not_with_the_assistant():
+    from studio.services.chatproc import check_messages, check_tools
+
+    turns = [{"role": "user", "content": "Ferry?"}, {"role": "assistant", "content": "<tool_call>{}</tool_call>"}]
+    assert check_messages([*turns, {"role": "tool", "content": "{}"}])[-1]["role"] == "tool"
+    with pytest.raises(ChatError, match="must end with a user message"):
+        check_messages(turns)
+    with pytest.raises(ChatError, match="The tools are not usable: 'tools' is not valid JSON"):
+        check_tools("[oops")
