@@ -63,6 +63,30 @@ def test_each_stage_trains_logs_its_metrics_and_saves_one_adapter(
     assert any(e.startswith("Data: 58 train") for e in sink.events)
 
 
+@pytest.mark.parametrize(
+    ("stage", "dataset"), [("dpo", "studio-prefs"), ("kto", "studio-kto"), ("orpo", "studio-prefs")]
+)
+def test_each_stage_trains_on_a_4bit_base(home, tiny_model_dir, stage, dataset):
+    """QLoRA for every stage: the reference pass (the same 4-bit weights with the adapter off) and the
+    trained pass both run, and every LoRA B left zero got gradients."""
+    from safetensors.torch import load_file
+
+    data = {"datasets": [dataset], "cutoff_len": 96}
+    config = small_run_config(tiny_model_dir, data=data, train={"max_steps": 2, "learning_rate": 1e-3})
+    config.stage = stage
+    config.quant.mode, config.quant.compute_dtype = "4bit", "fp32"
+    sink = Sink()
+    result = run_training(config, home / "runs" / "q1", sink, home=home)
+
+    assert result.status == "completed" and result.global_step == 2
+    assert any("base in 4bit" in e for e in sink.events)
+    losses = [values["loss"] for _, values in sink.logs if "loss" in values]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    weights = load_file(Path(result.adapter_dir) / "adapter_model.safetensors")
+    norms = [w.norm().item() for name, w in weights.items() if "lora_B" in name]
+    assert norms and all(n > 0 for n in norms)
+
+
 def test_evaluate_ranks_the_held_out_pairs_with_and_without_the_adapter(home, tiny_model_dir):
     """A finished DPO run's evaluation: loss and generations on the chosen answers, and the held-out pairs
     ranked by the base (adapter off) and by the adapter; the report and its summary carry both."""
