@@ -333,6 +333,14 @@ class PreferenceSpec:
         default=0.5,
         metadata=_help("SimPO's target reward margin; gamma/beta around 0.5 (gamma 0.5-1.5 with beta 2-2.5)."),
     )
+    sft_weight: float = field(
+        default=0.0,
+        metadata=_help(
+            "DPO: weight of an SFT loss on the chosen answers beside the preference loss (RPO). DPO alone "
+            "mostly pushes the rejected answers down; 0.5-1 also makes the chosen text likely, so the answer "
+            "itself changes. 0 = plain DPO."
+        ),
+    )
     desirable_weight: float = field(
         default=1.0,
         metadata=_help("KTO: weight of good answers. Keep weight x count of good vs bad within 1 to 4/3."),
@@ -364,6 +372,8 @@ class PreferenceSpec:
                 "preference.label_smoothing",
                 f"preference.label_smoothing must be in [0, 0.5) (got {self.label_smoothing!r}); 0.1 for noisy pairs.",
             )
+        if not _is_number(self.sft_weight) or self.sft_weight < 0:
+            p.add("preference.sft_weight", f"preference.sft_weight must be 0 or positive (got {self.sft_weight!r}).")
         if not _is_number(self.simpo_gamma) or self.simpo_gamma < 0:
             p.add("preference.simpo_gamma", f"preference.simpo_gamma must be 0 or positive (got {self.simpo_gamma!r}).")
         if not isinstance(self.start_from, str):
@@ -602,6 +612,12 @@ def _stage_checks(cfg: RunConfig) -> list[Problem]:
             "preference.loss_type",
             f"The simpo loss is a DPO variant; stage {cfg.stage} has its own loss",
             "set it to sigmoid.",
+        )
+    if cfg.preference.sft_weight and (cfg.stage != "dpo" or cfg.preference.loss_type == "simpo"):
+        p.add(
+            "preference.sft_weight",
+            f"The SFT term (RPO) is added to TRL's DPO losses; {cfg.stage}/{cfg.preference.loss_type} has none",
+            "set preference.sft_weight to 0, or use stage dpo with the sigmoid, ipo or hinge loss.",
         )
     if cfg.distribution.launched:
         p.add(

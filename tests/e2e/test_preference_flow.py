@@ -33,10 +33,16 @@ def _flow(server, page) -> None:
     wait_text(page, "ds-message", "Registered 'prefs-e2e'")
     shot(page, "p1-datasets")
 
-    # Train: the stage is a field of the form; DPO shows its own section and refuses SFT data at start.
+    # Train: picking the stage alone keeps the preset's SFT data, which DPO refuses, saying which and why.
     open_tab(page, "Train")
     choose(page, "train-stage", "dpo")
-    page.wait_for_selector("#pref-beta", state="visible")
+    page.wait_for_selector("#pref-beta", state="visible")  # the stage's own section
+    page.locator("#train-start").click()
+    wait_text(page, "train-message", "is alpaca data, one answer per prompt")
+    assert not Store(db_path(server.home)).list_runs()  # refused: nothing was created
+    # The quick-dpo preset sets the stage and its pairs; add the registered file beside them.
+    choose(page, "train-preset", "quick-dpo")
+    wait_text(page, "train-command", "stage: dpo")
     choose(page, "train-dataset", "prefs-e2e")
     set_number(page, "train-max-steps", 4)
     set_number(page, "train-logging-steps", 1)
@@ -55,6 +61,6 @@ def _flow(server, page) -> None:
     assert page.locator("#pref-plot").is_visible() and max(counts, default=0) > 0, counts
     shot(page, "p2-train-dpo")
     (run,) = Store(db_path(server.home)).list_runs()
-    assert run.config["stage"] == "dpo" and run.config["data"]["datasets"] == ["prefs-e2e"]
+    assert run.config["stage"] == "dpo" and run.config["data"]["datasets"] == ["studio-prefs", "prefs-e2e"]
     margins = [m.reward_margin for m in Store(db_path(server.home)).metrics(run.id) if m.reward_margin is not None]
     assert len(margins) == 4, margins  # one logged point per step

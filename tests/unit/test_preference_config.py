@@ -34,6 +34,12 @@ def test_stage_and_preference_settings_are_validated_by_field():
     kto = RunConfig.from_dict({"stage": "kto", "data": {"datasets": ["x"]}, "preference": {"loss_type": "simpo"}})
     assert paths(kto) == ["preference.loss_type"]
     assert "simpo loss is a DPO variant" in str(kto.validate()[0])
+    rpo = {"stage": "kto", "data": {"datasets": ["x"]}, "preference": {"sft_weight": 0.5}}
+    assert paths(RunConfig.from_dict(rpo)) == ["preference.sft_weight"]  # an SFT term only for DPO
+    rpo.update(stage="dpo", preference={"sft_weight": -1})
+    assert paths(RunConfig.from_dict(rpo)) == ["preference.sft_weight"]
+    rpo.update(preference={"sft_weight": 1.0})
+    assert paths(RunConfig.from_dict(rpo)) == []
 
 
 def test_an_old_config_without_a_stage_is_sft_and_a_new_one_round_trips():

@@ -122,6 +122,10 @@ def test_sft_is_run_by_transformers_trainer_and_the_preference_stages_by_trl(tok
     )
     dpo.preference.label_smoothing = 0.1  # TRL's sigmoid loss ignores it; its robust loss is sigmoid with it
     assert get_stage("dpo").arguments(dpo)[1]["loss_type"] == ["robust"]
+    dpo.preference.sft_weight = 0.5  # RPO: TRL's sft loss on the chosen answers, weighted, beside the DPO loss
+    own = get_stage("dpo").arguments(dpo)[1]
+    assert (own["loss_type"], own["loss_weights"]) == (["robust", "sft"], [1.0, 0.5])
+    dpo.preference.sft_weight = 0.0
     dpo.preference.loss_type = "simpo"
     cls, own = get_stage("dpo").arguments(dpo)
     assert cls is CPOConfig and own["loss_type"] == "simpo" and own["cpo_alpha"] == 0.0
