@@ -49,7 +49,7 @@ run: $(STAMP)
 	$(VENV)/bin/studio serve --host $(HOST) --port $(PORT)
 
 test: $(TEST_STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25
 
 test-unit: $(TEST_STAMP)
 	$(PY) -m pytest -q tests/unit

@@ -184,7 +184,7 @@ def test_bundled_dataset_info_imports_cleanly(tmp_path):
         ("alpaca", 72),
         ("kto", 72),
         ("preference", 72),
-        ("sharegpt", 60),
+        ("sharegpt", 96),
     ]
 
 

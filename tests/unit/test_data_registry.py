@@ -274,7 +274,7 @@ def test_bundled_samples_are_listed_and_load(registry):
     bundled = {e.name: e for e in registry.list()}
     assert set(bundled) == {"studio-facts", "studio-chats", "studio-prefs", "studio-kto", "studio-tools"}
     tools = registry.load_examples("studio-tools")
-    assert bundled["studio-tools"].format == "sharegpt" and len(tools) == 60 and all(ex.tools for ex in tools)
+    assert bundled["studio-tools"].format == "sharegpt" and len(tools) == 96 and all(ex.tools for ex in tools)
     assert (bundled["studio-prefs"].format, bundled["studio-kto"].format) == ("preference", "kto")
     facts, chats = bundled["studio-facts"], bundled["studio-chats"]
     assert (facts.format, facts.rows, facts.bundled, facts.file) == ("alpaca", 72, True, "studio_facts.json")
