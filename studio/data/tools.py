@@ -28,7 +28,7 @@ TOOLS_PREAMBLE = (
     "<tools></tools>:\n<tools>\n{schemas}\n</tools>\nTo call a function, answer with a JSON object "
     '{{"name": <function-name>, "arguments": <args-object>}} inside <tool_call></tool_call> tags.'
 )
-_CALL_RE = re.compile(re.escape(TOOL_CALL_OPEN) + r"\s*(.*?)\s*" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
+CALL_RE = re.compile(re.escape(TOOL_CALL_OPEN) + r"\s*(.*?)\s*" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ def observation_text(contents: list[str]) -> str:
 def calls_in_text(text: str) -> list[ToolCall]:
     """The calls a model wrote in the fallback format (the Chat tab shows them); malformed ones are skipped."""
     calls = []
-    for body in _CALL_RE.findall(text):
+    for body in CALL_RE.findall(text):
         try:
             calls.append(_call(json.loads(body), "call"))
         except (json.JSONDecodeError, RowError):
@@ -178,4 +178,4 @@ def calls_in_text(text: str) -> list[ToolCall]:
 
 def strip_calls(text: str) -> str:
     """The text around the calls of a fallback-format reply."""
-    return _CALL_RE.sub("", text).strip()
+    return CALL_RE.sub("", text).strip()

@@ -339,7 +339,7 @@ def slow_bf16_hint(
     step in bf16 took 18x the fp32 time (67 s vs 3.7 s forward+backward, 8x60 tokens, 2 cores)."""
     if device != "cpu" or native is not False:
         return None
-    slow = [name for name, value in (("train.compute_type", compute_type),) if value == "bf16"]
+    slow = ["train.compute_type"] if compute_type == "bf16" else []
     if quant_mode == "4bit" and quant_compute == "bf16":
         slow.append("quant.compute_dtype")
     if not slow:

@@ -202,8 +202,7 @@ class ChatProcess:
         with self._turn():
             child = self._require()
             self._check_adapter(child, adapter)
-            request = {"op": "stream", "messages": messages, "settings": asdict(settings), "adapter": adapter}
-            self._send(child, {**request, "tools": tools})
+            self._send(child, self._generation_request("stream", messages, settings, adapter, tools))
             while True:
                 msg = self._next(child, self.token_timeout_s)
                 if msg["type"] == "error":
@@ -241,10 +240,13 @@ class ChatProcess:
         with self._turn():
             child = self._require()
             self._check_adapter(child, adapter)
-            request = {"op": "compare", "messages": messages, "settings": asdict(settings), "adapter": adapter}
-            request["tools"] = tools
+            request = self._generation_request("compare", messages, settings, adapter, tools)
             base, tuned = self._request(child, request, self.load_timeout_s)  # two whole replies, no pieces
             return base, tuned
+
+    @staticmethod
+    def _generation_request(op: str, messages, settings: GenerationSettings, adapter, tools) -> dict[str, Any]:
+        return {"op": op, "messages": messages, "settings": asdict(settings), "adapter": adapter, "tools": tools}
 
     def unload(self) -> None:
         """End the child and reap it: its memory is really given back. A reply in progress ends with a ChatError."""

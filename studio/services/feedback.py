@@ -98,7 +98,7 @@ def tally(judgements: list[Judgement]) -> list[Tally]:
             t.a_model,
             t.b_model,
             t.a_wins + (won == t.a_model),
-            t.b_wins + (won == t.b_model and t.b_model != t.a_model),
+            t.b_wins + (won == t.b_model),
             t.ties + (won is None),
         )
     return list(out.values())

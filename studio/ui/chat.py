@@ -25,7 +25,7 @@ from studio.core.store import RunNotFound, RunStatus, Store
 from studio.core.workspace import RunDir
 from studio.data.errors import DataError, RowError
 from studio.data.registry import DatasetRegistry
-from studio.data.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, parse_tools
+from studio.data.tools import CALL_RE, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, parse_tools
 from studio.model.loading import BUNDLED, DTYPES
 from studio.runs.preflight import same_model
 from studio.services.chat import BASE, GenerationSettings
@@ -128,14 +128,13 @@ def text_of(content) -> str:
 
 
 # A tool call in a reply is shown as a fenced block: the chat's markdown would hide a <tool_call> tag.
-_CALL_TAG = re.compile(re.escape(TOOL_CALL_OPEN) + r"\s*(.*?)\s*" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
 _CALL_FENCE = re.compile(r"```tool_call\n(.*?)\n```", re.DOTALL)
 FEEDBACK_NAME = "chat-feedback"  # the dataset judgements go to unless the user names another
 STUDIO_TOOLS = "studio-tools"  # the bundled sample whose schemas the Chat tab offers as an example
 
 
 def shown_reply(text: str) -> str:
-    return _CALL_TAG.sub(lambda m: f"```tool_call\n{m.group(1)}\n```", text)
+    return CALL_RE.sub(lambda m: f"```tool_call\n{m.group(1)}\n```", text)
 
 
 def model_reply(text: str) -> str:
@@ -386,11 +385,13 @@ def send_updates(
     yield gr.skip(), gr.skip(), gr.skip(), status_markdown(local_status(proc))
 
 
-def compare_updates(on: bool, blind: bool = False, left: str = BASE, right: str = BASE) -> tuple:
+def compare_updates(on: bool, blind: bool = False, left: str = BASE, right: str = BASE, sides=None) -> tuple:
     """The left chat, the right chat's label and the judging panel, for compare mode on or off. Blind, the
-    sides are A and B, in an order drawn per conversation (draw_sides)."""
+    sides are A and B, in an order drawn per conversation (draw_sides); not blind, the models that answer:
+    the conversation's sides once drawn, else 'Compare with' on the left and 'Answer with' on the right."""
     if not on:
         return gr.Chatbot(visible=False), gr.Chatbot(label="Chat"), gr.Column(visible=False)
+    left, right = sides or (left, right)
     labels = ("Answer A", "Answer B") if blind else (model_label(left), model_label(right))
     return gr.Chatbot(visible=True, label=labels[0]), gr.Chatbot(label=labels[1]), gr.Column(visible=True)
 
@@ -599,9 +600,8 @@ def _wire(ctx: UIContext, tab, side: SimpleNamespace, talk: SimpleNamespace) -> 
         left, right = draw_sides(history, base_history, sides, compare_with, active_name, blind_on)
         if not compare_on:
             left, right = BASE, active_name
-        for update in send_updates(
-            proc(), msg, history, base_history, system_prompt, widgets, right, compare_on, tools, left
-        ):
+        talk_args = (proc(), msg, history, base_history, system_prompt, widgets, right, compare_on, tools, left)
+        for update in send_updates(*talk_args):
             yield *update, (left, right)
 
     def on_judge(verdict: str):
@@ -652,7 +652,9 @@ def _wire(ctx: UIContext, tab, side: SimpleNamespace, talk: SimpleNamespace) -> 
     talk.clear.click(lambda: ([], [], None), None, [talk.bot, talk.base_bot, talk.sides], api_name=False)
     view = [side.compare, side.blind, side.compare_with, side.active]
     for control in view:
-        control.change(compare_updates, view, [talk.base_bot, talk.bot, talk.judge_panel], api_name=False)
+        control.change(
+            compare_updates, [*view, talk.sides], [talk.base_bot, talk.bot, talk.judge_panel], api_name=False
+        )
     judge_inputs = [talk.edited, talk.feedback_name, talk.bot, talk.base_bot, talk.sides, side.system, talk.judged_at]
     for button, verdict in ((talk.vote_a, Verdict.A), (talk.vote_b, Verdict.B), (talk.vote_tie, Verdict.TIE)):
         button.click(on_judge(verdict), judge_inputs, [talk.verdicts, talk.edited, talk.judged_at], api_name=False)

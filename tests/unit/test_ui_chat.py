@@ -367,3 +367,8 @@ def test_a_conversation_may_end_with_a_tool_result_but_not_with_the_assistant():
         check_messages(turns)
     with pytest.raises(ChatError, match="The tools are not usable: 'tools' is not valid JSON"):
         check_tools("[oops")
+
+
+def test_labels_follow_the_drawn_sides_once_blind_is_turned_off():
+    left, right, _ = ui.compare_updates(True, False, BASE, "r1", ("r1", BASE))
+    assert (left.label, right.label) == ("Adapter r1", "Base model (no adapter)")  # what really answers

@@ -197,10 +197,10 @@ class DPOStage(PreferenceStage):
         # TRL's sigmoid loss ignores label smoothing; its 'robust' loss is the sigmoid one with it (robust DPO).
         loss = "robust" if p.label_smoothing and p.loss_type == "sigmoid" else p.loss_type
         # RPO: TRL's 'sft' loss (the chosen answers' NLL) added with its own weight.
-        losses = {"loss_type": [loss, "sft"], "loss_weights": [1.0, p.sft_weight]} if p.sft_weight else {}
+        rpo = {"loss_type": [loss, "sft"], "loss_weights": [1.0, p.sft_weight]} if p.sft_weight else {}
         return DPOConfig, {
             "loss_type": [loss],
-            **losses,
+            **rpo,
             "beta": p.beta,
             "label_smoothing": p.label_smoothing,
             **_lengths(config),
